@@ -1,0 +1,27 @@
+"""MAISSegmentLib: the torch side of MAISSegment (network, memory, checkpoints, CLI).
+
+Pure Python + torch; never imports ``slicer``, ``qt`` or ``vtk`` (only ``mrml_bridge`` does).
+"""
+
+from .checkpoint import build_model, load_checkpoint, save_checkpoint
+from .errors import CheckpointError, ConfigError, MAISError, PromptError, UntrustedCheckpointError
+from .memory import MemoryBank
+from .model import MAISModel, ModelConfig, get_preset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "MAISError",
+    "MAISModel",
+    "MemoryBank",
+    "ModelConfig",
+    "PromptError",
+    "UntrustedCheckpointError",
+    "__version__",
+    "build_model",
+    "get_preset",
+    "load_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,388 @@
+"""Strict, safe checkpoint loading and saving; ``build_model``.
+
+Two formats are read:
+
+* **SAM-Med3D** (e.g. ``sam_med3d_turbo.pth``): a dict with the weights under ``model_state_dict`` (plus
+  ``epoch``, optimizer/scheduler state, ``args`` as an ``argparse.Namespace``...) or a plain state dict.
+  The memory attention is not in it and starts fresh (``LoadReport.memory_attention == "fresh"``).
+* **MAISSegment** (written by :func:`save_checkpoint`): ``format``, ``format_version``, ``model_id``,
+  ``version``, ``config`` (``ModelConfig.to_dict()``), ``state_dict`` (including the memory attention),
+  ``provenance`` (training recipe, data, command) and ``sha256`` of the weights' content.
+
+Loading is ``torch.load(weights_only=True)`` with a short allow-list of plain-data classes that training
+scripts put in checkpoints (``argparse.Namespace``, ``collections.Counter`` from ``MultiStepLR``, NumPy
+scalars, paths). Anything else needs ``trusted=True``, which the user must ask for explicitly. Every key
+and shape is checked *before* any weight is copied, so a bad file never leaves a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import os
+import pathlib
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .devices import resolve_device
+from .errors import CheckpointError, ConfigError, UntrustedCheckpointError
+from .model.config import ImageEncoderConfig, MaskDecoderConfig, MemoryConfig, ModelConfig, PromptEncoderConfig, get_preset
+from .model.mais import MEMORY_PREFIX, MAISModel
+
+FORMAT = "maissegment-checkpoint"
+FORMAT_VERSION = 1
+
+# Plain-data classes found in real training checkpoints; reconstructing them runs no user code.
+SAFE_GLOBALS: list[Any] = [
+    argparse.Namespace,
+    collections.Counter,
+    collections.defaultdict,
+    pathlib.PurePosixPath,
+    pathlib.PosixPath,
+    pathlib.PureWindowsPath,
+    pathlib.WindowsPath,
+    np.dtype,
+    np.core.multiarray.scalar if hasattr(np, "core") else np._core.multiarray.scalar,  # noqa: SLF001
+    *[getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")],
+]
+
+
+@dataclass
+class LoadReport:
+    """What :func:`build_model` loaded.
+
+    Attributes:
+        source: ``"sam-med3d"``, ``"maissegment"`` or ``"none"`` (random weights).
+        path: the checkpoint file, if any.
+        model_id, version: from a MAISSegment checkpoint.
+        memory_attention: ``"loaded"``, ``"fresh"`` (randomly initialised, untrained) or ``"absent"``.
+        sha256: content hash of the loaded weights (MAISSegment format).
+        notes: anything the user should know (stripped prefixes, inferred configuration...).
+    """
+
+    source: str
+    path: str | None = None
+    model_id: str | None = None
+    version: str | None = None
+    memory_attention: str = "fresh"
+    sha256: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        what = self.model_id or self.source
+        return f"{what} ({self.source}, memory attention {self.memory_attention})"
+
+
+# --------------------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> Any:
+    """Unpickle a checkpoint file safely.
+
+    Args:
+        path: the file.
+        trusted: allow full unpickling if the safe loader refuses (only for files the user trusts:
+            unpickling can run arbitrary code).
+
+    Raises:
+        CheckpointError: missing, empty, truncated or not a PyTorch file.
+        UntrustedCheckpointError: the file needs classes outside the allow-list and ``trusted`` is False.
+    """
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint {p} is a folder, not a weight file")
+    size = p.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {p} is empty (0 bytes); download or copy it again")
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    if not zipfile.is_zipfile(p):
+        if head.startswith(b"PK"):
+            raise CheckpointError(f"checkpoint {p} is truncated or corrupt ({size} bytes); download or copy it again")
+        if not head.startswith(b"\x80"):  # legacy (non-zip) torch files start with a pickle opcode
+            kind = _guess_kind(head)
+            raise CheckpointError(f"{p} is not a PyTorch checkpoint ({kind}); pick the .pth/.pt weight file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if trusted:
+            return torch.load(p, map_location="cpu", weights_only=False)
+        try:
+            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(p) if not _allowed(g)]
+        except Exception:  # noqa: BLE001 - only used to improve the message
+            unsafe = []
+        detail = f" ({', '.join(unsafe[:5])})" if unsafe else f" ({str(exc).splitlines()[0][:200]})"
+        raise UntrustedCheckpointError(
+            f"checkpoint {p} contains Python objects that are not plain data{detail}. Loading it could run "
+            "code; if you trust where it came from, load it again with trusted=True (CLI: --trust-checkpoint)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {p} is truncated or corrupt ({str(exc).splitlines()[0][:200]}); download or copy it again"
+        ) from None
+
+
+def _allowed(global_name: str) -> bool:
+    return any(f"{g.__module__}.{g.__qualname__}" == global_name for g in SAFE_GLOBALS)
+
+
+def _guess_kind(head: bytes) -> str:
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip file, e.g. a .nii.gz image"
+    if head.startswith(b"NRRD"):
+        return "an NRRD image"
+    if head[:1] in (b"{", b"["):
+        return "a JSON/text file"
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "a text file"
+    return "unknown binary content"
+
+
+def split_checkpoint(obj: Any) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """Identify the format of an unpickled checkpoint.
+
+    Returns:
+        ``(source, state_dict, metadata)`` with source ``"maissegment"`` or ``"sam-med3d"``.
+
+    Raises:
+        CheckpointError: no weights in it, or a 2-D SAM checkpoint.
+    """
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if int(obj.get("format_version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint format version {obj.get('format_version')} is newer than this MAISSegment "
+                f"understands ({FORMAT_VERSION}); update MAISSegment"
+            )
+        sd, meta, source = obj.get("state_dict"), obj, "maissegment"
+    elif isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
+        sd, meta, source = obj["model_state_dict"], {k: v for k, v in obj.items() if k != "model_state_dict"}, "sam-med3d"
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd, meta, source = obj, {}, "sam-med3d"
+    else:
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"no model weights found in the checkpoint (top-level content: {keys})")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError("the checkpoint's weights are not a dict of tensors")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+        meta = {**meta, "_note": "removed the 'module.' prefix of a DistributedDataParallel save"}
+    pe = sd.get("image_encoder.patch_embed.proj.weight")
+    if pe is not None and pe.ndim == 4:
+        raise CheckpointError(
+            "this is a 2-D SAM checkpoint (its patch embedding is a 2-D convolution "
+            f"{tuple(pe.shape)}); MAISSegment needs a 3-D SAM-Med3D checkpoint such as sam_med3d_turbo.pth"
+        )
+    return source, sd, meta
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """Content hash of weights: names, dtypes, shapes and bytes, in sorted key order."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def infer_config(sd: dict[str, torch.Tensor], memory: MemoryConfig | None = None) -> ModelConfig:
+    """Read the backbone configuration off a SAM-Med3D-layout state dict (shapes only).
+
+    Raises:
+        CheckpointError: not a SAM-Med3D layout.
+    """
+    try:
+        pe = sd["image_encoder.patch_embed.proj.weight"]  # (C, in, p, p, p)
+        pos = sd["image_encoder.pos_embed"]  # (1, G, G, G, C)
+        depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("image_encoder.blocks."))
+        rel = [sd[f"image_encoder.blocks.{i}.attn.rel_pos_d"].shape for i in range(depth)]
+        grid = pos.shape[1]
+        head_dim = rel[0][1]
+        sizes = [(r[0] + 1) // 2 for r in rel]
+        window = max(sizes)
+        enc = ImageEncoderConfig(
+            img_size=grid * pe.shape[2],
+            patch_size=pe.shape[2],
+            in_chans=pe.shape[1],
+            embed_dim=pe.shape[0],
+            depth=depth,
+            num_heads=pe.shape[0] // head_dim,
+            mlp_ratio=sd["image_encoder.blocks.0.mlp.lin1.weight"].shape[0] / pe.shape[0],
+            window_size=window if window > grid else 0,
+            global_attn_indexes=tuple(i for i, s in enumerate(sizes) if s == grid and window > grid),
+            out_chans=sd["image_encoder.neck.0.weight"].shape[0],
+        )
+        n_masks = sd["mask_decoder.mask_tokens.weight"].shape[0]
+        iou_layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("mask_decoder.iou_prediction_head.layers."))
+        dec_depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("mask_decoder.transformer.layers."))
+        dec = MaskDecoderConfig(
+            num_multimask_outputs=n_masks - 1,
+            iou_head_depth=iou_layers,
+            iou_head_hidden_dim=sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
+            transformer_depth=dec_depth,
+            transformer_mlp_dim=sd["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
+            attention_downsample_rate=enc.out_chans
+            // sd["mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"].shape[0],
+        )
+        prompt = PromptEncoderConfig(mask_in_chans=sd["prompt_encoder.mask_downscaling.3.weight"].shape[0])
+        return ModelConfig(image_encoder=enc, prompt_encoder=prompt, mask_decoder=dec, memory=memory)
+    except (KeyError, IndexError, ValueError, ConfigError) as exc:
+        raise CheckpointError(
+            f"the checkpoint does not have SAM-Med3D's layout (could not read {exc}); "
+            "is it a checkpoint of another architecture?"
+        ) from None
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`CheckpointError` naming every missing/unexpected key and wrong shape."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [
+        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and given[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shape(s): {'; '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
+    if problems:
+        raise CheckpointError(
+            "the checkpoint does not fit the network (nothing was loaded): " + " | ".join(problems)
+            + ". Use the model preset the checkpoint was trained with, or a checkpoint of this architecture."
+        )
+
+
+# ----------------------------------------------------------------------------------- public API
+def load_checkpoint(path: str | os.PathLike, trusted: bool = False) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and identify a checkpoint: ``(source, state_dict, metadata)``; see :func:`split_checkpoint`."""
+    return split_checkpoint(read_checkpoint(path, trusted=trusted))
+
+
+def build_model(
+    preset: str | ModelConfig | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    trusted: bool = False,
+) -> MAISModel:
+    """Build the network, optionally loading weights strictly. The model is returned in eval mode.
+
+    Args:
+        preset: preset name (``"sam-med3d-vit-b"``...) or a :class:`ModelConfig`. None: take the
+            configuration from the checkpoint (stored in ours, read off the shapes of SAM-Med3D's).
+        checkpoint: a SAM-Med3D or MAISSegment checkpoint file; None leaves random weights.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+        trusted: allow unsafe unpickling of this file (see :func:`read_checkpoint`).
+
+    Returns:
+        :class:`MAISModel` with ``model.load_report`` (:class:`LoadReport`).
+
+    Raises:
+        ConfigError: unknown preset or device. CheckpointError: the file cannot be loaded (nothing is).
+    """
+    dev = resolve_device(device)
+    cfg = get_preset(preset) if isinstance(preset, str) else preset
+    if checkpoint is None:
+        if cfg is None:
+            raise ConfigError("build_model needs a preset/config or a checkpoint")
+        model = MAISModel(cfg)
+        model.load_report = LoadReport("none", memory_attention="fresh" if model.has_memory else "absent")
+        return model.to(dev).eval()
+
+    source, sd, meta = load_checkpoint(checkpoint, trusted=trusted)
+    report = LoadReport(source, path=str(checkpoint))
+    if "_note" in meta:
+        report.notes.append(meta["_note"])
+    if source == "maissegment":
+        stored = ModelConfig.from_dict(meta.get("config") or {})
+        if cfg is None:
+            cfg = stored
+        report.model_id, report.version = meta.get("model_id"), meta.get("version")
+        report.provenance = dict(meta.get("provenance") or {})
+        digest = state_dict_sha256(sd)
+        if meta.get("sha256") and meta["sha256"] != digest:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} is corrupt: its weights' SHA-256 {digest[:12]}... does not match the "
+                f"recorded {str(meta['sha256'])[:12]}...; download or copy it again"
+            )
+        report.sha256 = digest
+    elif cfg is None:
+        cfg = infer_config(sd, memory=MemoryConfig())
+        report.notes.append("configuration read from the checkpoint's shapes")
+    model = MAISModel(cfg)
+    expected = model.state_dict()
+    has_memory_weights = any(k.startswith(MEMORY_PREFIX) for k in sd)
+    if model.has_memory and not has_memory_weights:
+        expected = {k: v for k, v in expected.items() if not k.startswith(MEMORY_PREFIX)}
+        report.memory_attention = "fresh"
+        report.notes.append("the checkpoint has no memory attention: it starts fresh (untrained)")
+    elif model.has_memory:
+        report.memory_attention = "loaded"
+    else:
+        report.memory_attention = "absent"
+    check_state_dict(expected, sd)
+    model.load_state_dict(sd, strict=False)  # every key and shape was checked above
+    model.load_report = report
+    return model.to(dev).eval()
+
+
+def save_checkpoint(
+    model: MAISModel,
+    path: str | os.PathLike,
+    model_id: str,
+    version: str,
+    provenance: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write a MAISSegment checkpoint atomically (a temporary file renamed into place).
+
+    Args:
+        model: the network (its ``cfg`` and all weights, memory attention included, are saved).
+        path: destination file; an existing file is replaced only once the new one is complete.
+        model_id, version: identity of the model (e.g. ``"mais-small-shared"``, ``"1.0.0"``).
+        provenance: JSON-like training recipe / data / command / metrics.
+        extra: more plain-data entries (e.g. optimizer state for resuming training).
+
+    Returns:
+        The SHA-256 of the weights' content.
+    """
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    digest = state_dict_sha256(sd)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_id": model_id,
+        "version": version,
+        "config": model.cfg.to_dict(),
+        "state_dict": sd,
+        "provenance": provenance or {},
+        "sha256": digest,
+        **(extra or {}),
+    }
+    dest = pathlib.Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return digest

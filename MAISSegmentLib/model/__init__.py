@@ -1,0 +1,24 @@
+"""Network parts of MAIS: SAM-Med3D backbone (encoder, prompt encoder, decoder) + memory attention."""
+
+from .config import (
+    PRESETS,
+    ImageEncoderConfig,
+    MaskDecoderConfig,
+    MemoryConfig,
+    ModelConfig,
+    PromptEncoderConfig,
+    get_preset,
+)
+from .mais import MAISModel, StepOutput
+
+__all__ = [
+    "PRESETS",
+    "ImageEncoderConfig",
+    "MAISModel",
+    "MaskDecoderConfig",
+    "MemoryConfig",
+    "ModelConfig",
+    "PromptEncoderConfig",
+    "StepOutput",
+    "get_preset",
+]

@@ -1,0 +1,154 @@
+"""The MAIS network: SAM-Med3D backbone + memory attention, and one interaction step.
+
+Interaction protocol (``docs/MAIS-SPEC.md``)::
+
+    t = 1: E' = E;  low_1 = decoder(E, PE, sparse_1, dense_1);  push(sparse_1, dense_1)
+    t > 1: sparse_t, dense_t = prompt_encoder(clicks, mask = low_{t-1});  push(sparse_t, dense_t)
+           E' = memory_attention(E, PE, memory);  low_t = decoder(E', PE, sparse_t, dense_t)
+
+With the memory off (or ``memory=None`` in the config) this is exactly SAM-Med3D's inference loop:
+``prev = zeros``; every click: prompt encoder with all clicks and ``masks=prev``, decoder with
+``multimask_output=False``, ``prev = low_res_logits``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import PromptError
+from ..memory import MemoryBank
+from .config import ModelConfig
+from .image_encoder import REL_POS_VARIANTS, ImageEncoderViT3D
+from .mask_decoder import MaskDecoder3D
+from .memory_attention import MemoryAttention
+from .prompt_encoder import PromptEncoder3D
+
+MEMORY_PREFIX = "memory_attention."
+
+
+@dataclass
+class StepOutput:
+    """Result of one interaction.
+
+    Attributes:
+        low_res_logits: ``(1, 1, 32, 32, 32)`` logits in ROI tensor order (4x the embedding grid).
+        iou: ``(1, 1)`` predicted IoU (no sigmoid).
+        used_memory: whether the image embedding was memory-conditioned for this step.
+    """
+
+    low_res_logits: torch.Tensor
+    iou: torch.Tensor
+    used_memory: bool
+
+
+class MAISModel(nn.Module):
+    """SAM-Med3D-compatible network with the MAIS memory attention.
+
+    The state-dict names of the backbone are SAM-Med3D's (``image_encoder.*``, ``prompt_encoder.*``,
+    ``mask_decoder.*``); the memory attention lives under ``memory_attention.*`` and is absent when
+    ``cfg.memory is None``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        enc = cfg.image_encoder
+        self.image_encoder = ImageEncoderViT3D(enc)
+        self.prompt_encoder = PromptEncoder3D(cfg.embed_dim, cfg.grid_size, enc.img_size, cfg.prompt_encoder.mask_in_chans)
+        self.mask_decoder = MaskDecoder3D(cfg.embed_dim, cfg.mask_decoder)
+        self.memory_attention = MemoryAttention(cfg.embed_dim, cfg.memory) if cfg.memory is not None else None
+
+    # ------------------------------------------------------------------------------- helpers
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_encoder.no_mask_embed.weight.device
+
+    @property
+    def has_memory(self) -> bool:
+        return self.memory_attention is not None
+
+    def new_memory_bank(self, capacity: int | None = None, variant: str | None = None) -> MemoryBank:
+        """An empty bank with the configured (or given) capacity and variant."""
+        if self.cfg.memory is None:
+            raise PromptError("this model has no memory attention (its configuration has memory=None)")
+        return MemoryBank(capacity or self.cfg.memory.capacity, variant or self.cfg.memory.variant)
+
+    def sam_state_dict(self) -> dict[str, torch.Tensor]:
+        """The backbone's weights alone, in SAM-Med3D's layout (324 keys for ``sam-med3d-vit-b``)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(MEMORY_PREFIX)}
+
+    def set_rel_pos_variant(self, variant: str) -> None:
+        """Switch the encoder's relative-position bias (``"textbook"`` exists only to fail the fixture)."""
+        if variant not in REL_POS_VARIANTS:
+            raise ValueError(f"variant must be one of {REL_POS_VARIANTS}")
+        for blk in self.image_encoder.blocks:
+            blk.attn.rel_pos_variant = variant
+
+    # ------------------------------------------------------------------------------- inference
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, 128, 128, 128)`` ROI -> image embedding ``(B, 384, 8, 8, 8)``."""
+        return self.image_encoder(image)
+
+    def dense_pe(self) -> torch.Tensor:
+        """Dense positional encoding ``(1, C, G, G, G)``."""
+        return self.prompt_encoder.get_dense_pe()
+
+    def empty_mask(self) -> torch.Tensor:
+        """The all-zero previous mask of the first click, ``(1, 1, 4G, 4G, 4G)``."""
+        s = self.cfg.low_res_size
+        return torch.zeros(1, 1, s, s, s, device=self.device)
+
+    def step(
+        self,
+        image_embedding: torch.Tensor,
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        prev_low_res: torch.Tensor | None = None,
+        bank: MemoryBank | None = None,
+        image_pe: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """One interaction: all clicks so far -> new low-res logits (``multimask_output=False``).
+
+        Args:
+            image_embedding: ``(1, C, G, G, G)`` from :meth:`encode_image`.
+            points: ``(1, t, 3)`` ROI voxel indices of every click so far in ROI tensor order (the
+                newest last); the newest click is this interaction's.
+            labels: ``(1, t)`` 1 include / 0 exclude.
+            prev_low_res: ``(1, 1, 32, 32, 32)`` logits of the previous step (None: zeros).
+            bank: the object's memory; None runs without memory (the no-memory baseline). The newest
+                click and the mask embedding are pushed into it.
+            image_pe: cached :meth:`dense_pe` (computed when None).
+
+        Returns:
+            :class:`StepOutput`.
+
+        Raises:
+            PromptError: malformed points or labels.
+        """
+        if points.ndim != 3 or points.shape[0] != 1 or points.shape[2] != 3 or points.shape[1] < 1:
+            raise PromptError(f"points must be (1, t, 3) with t >= 1, got {tuple(points.shape)}")
+        if labels.shape != points.shape[:2]:
+            raise PromptError(f"labels must be (1, {points.shape[1]}), got {tuple(labels.shape)}")
+        if not bool(((labels == 0) | (labels == 1)).all()):
+            raise PromptError("click labels must be 1 (include) or 0 (exclude)")
+        if prev_low_res is None:
+            prev_low_res = self.empty_mask()
+        if image_pe is None:
+            image_pe = self.dense_pe()
+        newest_only = self.cfg.memory is not None and self.cfg.memory.decoder_clicks == "newest"
+        dec_points, dec_labels = (points[:, -1:], labels[:, -1:]) if newest_only else (points, labels)
+        sparse, dense = self.prompt_encoder(points=(dec_points, dec_labels), masks=prev_low_res)
+        embedding, used_memory = image_embedding, False
+        if bank is not None:
+            if self.memory_attention is None:
+                raise PromptError("a memory bank was given but this model has no memory attention")
+            click_tokens = self.prompt_encoder.embed_points(points[:, -1:], labels[:, -1:], pad=False)
+            bank.push(click_tokens[0], dense[0])
+            if bank.total_pushed > 1:
+                embedding = self.memory_attention(image_embedding, image_pe, bank)
+                used_memory = True
+        low_res, iou = self.mask_decoder(embedding, image_pe, sparse, dense, multimask_output=False)
+        return StepOutput(low_res, iou, used_memory)
