@@ -39,6 +39,15 @@ from .model.mais import MEMORY_PREFIX, MAISModel
 FORMAT = "maissegment-checkpoint"
 FORMAT_VERSION = 1
 
+# NumPy scalars (``np.float64(0.7)``) pickle as ``<numpy core>.multiarray.scalar``: ``numpy.core`` when the
+# file was written with NumPy 1.x, ``numpy._core`` with NumPy 2.x. Both names must be accepted whichever
+# NumPy is installed, or an older SAM-Med3D checkpoint would need ``trusted=True``. (``np._core`` first:
+# touching ``np.core`` warns under NumPy 2.)
+_np_multiarray = getattr(np, "_core", None) or np.core
+_NP_SCALAR = _np_multiarray.multiarray.scalar
+# torch >= 2.6 accepts ``(object, "module.name")`` pairs, which map a pickled name onto an object.
+_ALIASES = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
+
 # Plain-data classes found in real training checkpoints; reconstructing them runs no user code.
 SAFE_GLOBALS: list[Any] = [
     argparse.Namespace,
@@ -49,8 +58,12 @@ SAFE_GLOBALS: list[Any] = [
     pathlib.PureWindowsPath,
     pathlib.WindowsPath,
     np.dtype,
-    np.core.multiarray.scalar if hasattr(np, "core") else np._core.multiarray.scalar,  # noqa: SLF001
-    *[getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")],
+    *(
+        [(_NP_SCALAR, "numpy.core.multiarray.scalar"), (_NP_SCALAR, "numpy._core.multiarray.scalar")]
+        if _ALIASES
+        else [_NP_SCALAR]
+    ),
+    *[getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", None)) if n.endswith("DType")],
 ]
 
 
@@ -115,7 +128,7 @@ def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> Any:
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if trusted:
-            return torch.load(p, map_location="cpu", weights_only=False)
+            return _load_trusted(p)
         try:
             unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(p) if not _allowed(g)]
         except Exception:  # noqa: BLE001 - only used to improve the message
@@ -131,8 +144,25 @@ def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> Any:
         ) from None
 
 
+def _load_trusted(p: pathlib.Path) -> Any:
+    """Full unpickling (the user trusts the file); any failure is a :class:`CheckpointError`."""
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {p} needs Python code that is not available here ({exc}); it is probably a whole "
+            "pickled model rather than weights. Save its state_dict() in the environment that wrote it"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - unpickling arbitrary objects can fail in any way
+        raise CheckpointError(
+            f"checkpoint {p} could not be unpickled ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
+
+
 def _allowed(global_name: str) -> bool:
-    return any(f"{g.__module__}.{g.__qualname__}" == global_name for g in SAFE_GLOBALS)
+    return any(
+        (g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}") == global_name for g in SAFE_GLOBALS
+    )
 
 
 def _guess_kind(head: bytes) -> str:

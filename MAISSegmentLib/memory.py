@@ -33,6 +33,7 @@ class MemoryEntry:
 
     sparse: torch.Tensor | None
     dense: torch.Tensor | None
+    index: int = 0  # position in the object's interaction sequence (0 = first)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -53,6 +54,7 @@ class MemoryBank:
         self.variant = variant
         self.entries: deque[MemoryEntry] = deque()
         self.total_pushed = 0  # interactions ever pushed (the first one is used unconditioned)
+        self.cache: dict[str, Any] = {}  # bank-level projections of the memory attention (not serialised)
 
     @property
     def keeps_sparse(self) -> bool:
@@ -76,7 +78,7 @@ class MemoryBank:
             raise ValueError(f"memory entry needs sparse (T, C) and dense (C, G, G, G); got {tuple(sparse.shape)}, "
                              f"{tuple(dense.shape)}")
         self.entries.append(
-            MemoryEntry(sparse if self.keeps_sparse else None, dense if self.keeps_dense else None)
+            MemoryEntry(sparse if self.keeps_sparse else None, dense if self.keeps_dense else None, self.total_pushed)
         )
         while len(self.entries) > self.capacity:
             self.entries.popleft()
@@ -85,10 +87,12 @@ class MemoryBank:
     def clear(self) -> None:
         """Forget every interaction."""
         self.entries.clear()
+        self.cache.clear()
         self.total_pushed = 0
 
     def clear_cache(self) -> None:
         """Drop cached projections (e.g. between truncated back-propagation windows in training)."""
+        self.cache.clear()
         for e in self.entries:
             e.cache.clear()
 
@@ -126,6 +130,7 @@ class MemoryBank:
                 dense = list(data["dense"].to(device).unbind(0))
         except (KeyError, IndexError, RuntimeError) as exc:
             raise ValueError(f"not a serialised MemoryBank: {exc}") from exc
-        bank.entries.extend(MemoryEntry(s, d) for s, d in zip(sparse, dense))
         bank.total_pushed = int(data["total_pushed"])
+        first = bank.total_pushed - n
+        bank.entries.extend(MemoryEntry(s, d, first + i) for i, (s, d) in enumerate(zip(sparse, dense)))
         return bank

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import MLP, LayerNorm3d
+from .common import MLP, LayerNorm3d, conv_transpose3d_k2s2
 from .config import MaskDecoderConfig
 from .transformer import TwoWayTransformer3D
 
@@ -66,6 +66,15 @@ class MaskDecoder3D(nn.Module):
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou[:, sl]
 
+    def upscale(self, src: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling(src)``: ``(B, C, G, G, G)`` -> ``(B, C/8, 4G, 4G, 4G)``.
+
+        The two transposed convolutions are computed as matrix products (exact; see
+        :func:`conv_transpose3d_k2s2`), everything else is the Sequential's own layers.
+        """
+        up1, ln, act1, up2, act2 = self.output_upscaling
+        return act2(conv_transpose3d_k2s2(act1(ln(conv_transpose3d_k2s2(src, up1))), up2))
+
     def predict_masks(
         self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +89,7 @@ class MaskDecoder3D(nn.Module):
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, x, y, z))
+        upscaled = self.upscale(src.transpose(1, 2).reshape(b, c, x, y, z))
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )

@@ -120,7 +120,7 @@ class MemoryAttention(nn.Module):
         x = image_embedding.flatten(2).transpose(1, 2)  # (1, G^3, C)
         projs = [self.project_entry(e) for e in bank.entries]
         if bank.keeps_dense:
-            x = x + self._dense_attention(projs).unsqueeze(0)
+            x = x + self._dense_attention(bank, projs).unsqueeze(0)
         if bank.keeps_sparse:
             memory = self._sparse_self_attention(bank, projs)  # (1, T, C)
             q = self.cross_norm(x) + image_pe.flatten(2).transpose(1, 2)
@@ -130,11 +130,27 @@ class MemoryAttention(nn.Module):
         x = self.final_norm(x)
         return x.transpose(1, 2).reshape(1, c, g0, g1, g2)
 
-    def _dense_attention(self, projs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Per voxel, attention of the newest dense memory over all dense memories -> ``(G^3, C)``."""
+    def _dense_attention(self, bank: MemoryBank, projs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Per voxel, attention of the newest dense memory over all dense memories -> ``(G^3, C)``.
+
+        Keys/values live in ring buffers ``(N, d, G^3)`` on the bank, entry ``i`` in slot ``i mod N``:
+        a click writes only its own slot (softmax over the memory axis does not depend on order).
+        """
+        key, n = self._cache_key(), len(bank)
+        ring = bank.cache.get("dense_ring")
+        if ring is None or ring["key"] != key:
+            shape = (bank.capacity, *projs[-1]["dense_k"].shape)
+            ring = {"key": key, "k": projs[-1]["dense_k"].new_zeros(shape), "v": projs[-1]["dense_v"].new_zeros(shape),
+                    "held": [-1] * bank.capacity}
+            bank.cache["dense_ring"] = ring
+        for entry, proj in zip(bank.entries, projs):
+            slot = entry.index % bank.capacity
+            if ring["held"][slot] != entry.index:
+                ring["k"][slot], ring["v"][slot] = proj["dense_k"], proj["dense_v"]
+                ring["held"][slot] = entry.index
+        k, v = ring["k"][:n], ring["v"][:n]  # after eviction n == capacity: every slot is a live entry
         q = projs[-1]["dense_q"]  # (d, V)
-        k = torch.stack([p["dense_k"] for p in projs])  # (n, d, V)
-        v = torch.stack([p["dense_v"] for p in projs])  # (n, d, V)
+        # broadcast multiply-sum: on CPU several times faster than einsum/bmm at these shapes
         weights = torch.softmax((q.unsqueeze(0) * k).sum(1) * self.dense_dim**-0.5, dim=0)  # (n, V)
         out = (weights.unsqueeze(1) * v).sum(0)  # (d, V)
         return F.linear(out.t(), self.dense_out.weight.flatten(1), self.dense_out.bias)  # (V, C)

@@ -1,0 +1,7 @@
+"""``python -m MAISSegmentLib`` == ``mais``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

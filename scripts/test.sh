@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up the environment and run the whole test suite (the README's test command; CI runs exactly this).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+.venv/bin/ruff check MAISSegmentLib Testing
+.venv/bin/python -m pytest Testing "$@"
