@@ -73,7 +73,7 @@ def time_clicks(
     for t in range(points.shape[1]):
         pts, lab = points[:, : t + 1].to(device), labels[:, : t + 1].to(device)
 
-        def click() -> None:
+        def click(pts: torch.Tensor = pts, lab: torch.Tensor = lab) -> None:
             nonlocal prev
             out = model.step(embedding, pts, lab, prev, bank=bank, image_pe=pe)
             prev = out.low_res_logits
@@ -105,7 +105,9 @@ def run_bench(
     image = torch.randn(1, 1, size, size, size, device=dev)
     res: dict[str, Any] = {
         "device": dev.type,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "preset": preset,
@@ -116,7 +118,10 @@ def run_bench(
             model.image_encoder.set_exact_fast_windows(fast)
             model.encode_image(image)  # warm-up
             enc[fast] = [_timed(lambda: model.encode_image(image), dev) for _ in range(repeats)]
-            log(f"encoder {'exact speed-up' if fast else 'padded reference'}: " + ", ".join(f"{t:.3f}s" for t in enc[fast]))
+            log(
+                f"encoder {'exact speed-up' if fast else 'padded reference'}: "
+                + ", ".join(f"{t:.3f}s" for t in enc[fast])
+            )
         model.image_encoder.set_exact_fast_windows(True)
         res["encoder_seconds"] = statistics.median(enc[True])
         res["encoder_reference_seconds"] = statistics.median(enc[False])

@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import importlib
 import os
 import pathlib
 import pickle
-import tempfile
+import secrets
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,14 @@ import torch
 
 from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, UntrustedCheckpointError
-from .model.config import ImageEncoderConfig, MaskDecoderConfig, MemoryConfig, ModelConfig, PromptEncoderConfig, get_preset
+from .model.config import (
+    ImageEncoderConfig,
+    MaskDecoderConfig,
+    MemoryConfig,
+    ModelConfig,
+    PromptEncoderConfig,
+    get_preset,
+)
 from .model.mais import MEMORY_PREFIX, MAISModel
 
 FORMAT = "maissegment-checkpoint"
@@ -43,8 +51,16 @@ FORMAT_VERSION = 1
 # file was written with NumPy 1.x, ``numpy._core`` with NumPy 2.x. Both names must be accepted whichever
 # NumPy is installed, or an older SAM-Med3D checkpoint would need ``trusted=True``. (``np._core`` first:
 # touching ``np.core`` warns under NumPy 2.)
-_np_multiarray = getattr(np, "_core", None) or np.core
-_NP_SCALAR = _np_multiarray.multiarray.scalar
+def _numpy_scalar() -> Any:
+    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            return importlib.import_module(name).scalar
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError("numpy.core.multiarray.scalar not found")
+
+
+_NP_SCALAR = _numpy_scalar()
 # torch >= 2.6 accepts ``(object, "module.name")`` pairs, which map a pickled name onto an object.
 _ALIASES = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
 
@@ -131,7 +147,7 @@ def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> Any:
             return _load_trusted(p)
         try:
             unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(p) if not _allowed(g)]
-        except Exception:  # noqa: BLE001 - only used to improve the message
+        except Exception:  # only used to improve the message
             unsafe = []
         detail = f" ({', '.join(unsafe[:5])})" if unsafe else f" ({str(exc).splitlines()[0][:200]})"
         raise UntrustedCheckpointError(
@@ -153,7 +169,7 @@ def _load_trusted(p: pathlib.Path) -> Any:
             f"checkpoint {p} needs Python code that is not available here ({exc}); it is probably a whole "
             "pickled model rather than weights. Save its state_dict() in the environment that wrote it"
         ) from None
-    except Exception as exc:  # noqa: BLE001 - unpickling arbitrary objects can fail in any way
+    except Exception as exc:  # unpickling arbitrary objects can fail in any way
         raise CheckpointError(
             f"checkpoint {p} could not be unpickled ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
         ) from None
@@ -187,14 +203,17 @@ def split_checkpoint(obj: Any) -> tuple[str, dict[str, torch.Tensor], dict[str, 
         CheckpointError: no weights in it, or a 2-D SAM checkpoint.
     """
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        if int(obj.get("format_version", 0)) > FORMAT_VERSION:
+        if not isinstance(obj.get("format_version", 0), int):
+            raise CheckpointError(f"checkpoint format version {obj.get('format_version')!r} is not a number; corrupt?")
+        if obj.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint format version {obj.get('format_version')} is newer than this MAISSegment "
                 f"understands ({FORMAT_VERSION}); update MAISSegment"
             )
         sd, meta, source = obj.get("state_dict"), obj, "maissegment"
     elif isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
-        sd, meta, source = obj["model_state_dict"], {k: v for k, v in obj.items() if k != "model_state_dict"}, "sam-med3d"
+        meta = {k: v for k, v in obj.items() if k != "model_state_dict"}
+        sd, source = obj["model_state_dict"], "sam-med3d"
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sd, meta, source = obj, {}, "sam-med3d"
     else:
@@ -254,7 +273,8 @@ def infer_config(sd: dict[str, torch.Tensor], memory: MemoryConfig | None = None
             out_chans=sd["image_encoder.neck.0.weight"].shape[0],
         )
         n_masks = sd["mask_decoder.mask_tokens.weight"].shape[0]
-        iou_layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("mask_decoder.iou_prediction_head.layers."))
+        iou_prefix = "mask_decoder.iou_prediction_head.layers."
+        iou_layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith(iou_prefix))
         dec_depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("mask_decoder.transformer.layers."))
         dec = MaskDecoderConfig(
             num_multimask_outputs=n_masks - 1,
@@ -300,7 +320,9 @@ def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.T
 
 
 # ----------------------------------------------------------------------------------- public API
-def load_checkpoint(path: str | os.PathLike, trusted: bool = False) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike, trusted: bool = False
+) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """Read and identify a checkpoint: ``(source, state_dict, metadata)``; see :func:`split_checkpoint`."""
     return split_checkpoint(read_checkpoint(path, trusted=trusted))
 
@@ -340,7 +362,10 @@ def build_model(
     if "_note" in meta:
         report.notes.append(meta["_note"])
     if source == "maissegment":
-        stored = ModelConfig.from_dict(meta.get("config") or {})
+        try:
+            stored = ModelConfig.from_dict(meta.get("config") or {})
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint {checkpoint} stores an invalid model configuration: {exc}") from None
         if cfg is None:
             cfg = stored
         report.model_id, report.version = meta.get("model_id"), meta.get("version")
@@ -359,7 +384,7 @@ def build_model(
     expected = model.state_dict()
     has_memory_weights = any(k.startswith(MEMORY_PREFIX) for k in sd)
     if model.has_memory and not has_memory_weights:
-        expected = {k: v for k, v in expected.items() if not k.startswith(MEMORY_PREFIX)}
+        pass
         report.memory_attention = "fresh"
         report.notes.append("the checkpoint has no memory attention: it starts fresh (untrained)")
     elif model.has_memory:
@@ -407,8 +432,9 @@ def save_checkpoint(
     }
     dest = pathlib.Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    # Not tempfile.mkstemp: its 0600 mode would stay on the final file. A unique name beside the
+    # destination (same file system, so the rename is atomic), created with the usual umask.
+    tmp = str(dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         torch.save(payload, tmp)
         os.replace(tmp, dest)

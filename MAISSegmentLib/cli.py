@@ -32,8 +32,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.repeats < 1 or args.clicks < 1 or args.memory_size < 1:
         raise MAISError("--repeats, --clicks and --memory-size must be at least 1")
-    res = run_bench(args.preset, args.device, args.threads, args.repeats, args.clicks, args.memory_size,
-                    log=lambda s: print(s, file=sys.stderr))
+    res = run_bench(
+        args.preset,
+        args.device,
+        args.threads,
+        args.repeats,
+        args.clicks,
+        args.memory_size,
+        log=lambda s: print(s, file=sys.stderr),
+    )
     print(format_table(res))
     if args.json:
         write_json(res, args.json)

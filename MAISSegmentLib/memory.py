@@ -75,8 +75,10 @@ class MemoryBank:
             dense: ``(C, G, G, G)`` embedding of the mask the interaction started from.
         """
         if sparse.ndim != 2 or dense.ndim != 4 or sparse.shape[1] != dense.shape[0]:
-            raise ValueError(f"memory entry needs sparse (T, C) and dense (C, G, G, G); got {tuple(sparse.shape)}, "
-                             f"{tuple(dense.shape)}")
+            raise ValueError(
+                f"memory entry needs sparse (T, C) and dense (C, G, G, G); got {tuple(sparse.shape)}, "
+                f"{tuple(dense.shape)}"
+            )
         self.entries.append(
             MemoryEntry(sparse if self.keeps_sparse else None, dense if self.keeps_dense else None, self.total_pushed)
         )

@@ -34,7 +34,9 @@ def run_reference_calls(model, image, io) -> dict[str, torch.Tensor]:
         s, d = model.prompt_encoder(points=(pts, lab), boxes=None, masks=low)
         low, iou = model.mask_decoder(emb, pe, s, d, multimask_output=True)
         out |= {"B_sparse_embeddings": s, "B_dense_embeddings": d, "B_low_res_logits": low, "B_iou_predictions": iou}
-        s, d = model.prompt_encoder(points=(pts[:, :1], lab[:, :1].float()), boxes=None, masks=torch.zeros(1, 1, 32, 32, 32))
+        s, d = model.prompt_encoder(
+            points=(pts[:, :1], lab[:, :1].float()), boxes=None, masks=torch.zeros(1, 1, 32, 32, 32)
+        )
         low, iou = model.mask_decoder(emb, pe, s, d, multimask_output=False)
         hr = F.interpolate(low, size=(128, 128, 128), mode="trilinear", align_corners=False)
         out |= {"C_sparse_embeddings": s, "C_dense_embeddings": d, "C_low_res_logits": low, "C_iou_predictions": iou}
@@ -84,8 +86,9 @@ def test_exact_speed_up_equals_padded_reference_on_random_weights():
 
     torch.manual_seed(3)
     cfg = ModelConfig(
-        image_encoder=ImageEncoderConfig(img_size=64, embed_dim=48, depth=3, num_heads=2, window_size=6,
-                                         global_attn_indexes=(2,), out_chans=48),
+        image_encoder=ImageEncoderConfig(
+            img_size=64, embed_dim=48, depth=3, num_heads=2, window_size=6, global_attn_indexes=(2,), out_chans=48
+        ),
         memory=None,
     )
     model = build_model(cfg)

@@ -57,7 +57,9 @@ class MAISModel(nn.Module):
         self.cfg = cfg
         enc = cfg.image_encoder
         self.image_encoder = ImageEncoderViT3D(enc)
-        self.prompt_encoder = PromptEncoder3D(cfg.embed_dim, cfg.grid_size, enc.img_size, cfg.prompt_encoder.mask_in_chans)
+        self.prompt_encoder = PromptEncoder3D(
+            cfg.embed_dim, cfg.grid_size, enc.img_size, cfg.prompt_encoder.mask_in_chans
+        )
         self.mask_decoder = MaskDecoder3D(cfg.embed_dim, cfg.mask_decoder)
         self.memory_attention = MemoryAttention(cfg.embed_dim, cfg.memory) if cfg.memory is not None else None
 

@@ -40,7 +40,9 @@ class MaskDecoder3D(nn.Module):
         self.output_hypernetworks_mlps = nn.ModuleList(
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
         )
-        self.iou_prediction_head = MLP(transformer_dim, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth)
+        self.iou_prediction_head = MLP(
+            transformer_dim, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth
+        )
 
     def forward(
         self,

@@ -140,8 +140,12 @@ class MemoryAttention(nn.Module):
         ring = bank.cache.get("dense_ring")
         if ring is None or ring["key"] != key:
             shape = (bank.capacity, *projs[-1]["dense_k"].shape)
-            ring = {"key": key, "k": projs[-1]["dense_k"].new_zeros(shape), "v": projs[-1]["dense_v"].new_zeros(shape),
-                    "held": [-1] * bank.capacity}
+            ring = {
+                "key": key,
+                "k": projs[-1]["dense_k"].new_zeros(shape),
+                "v": projs[-1]["dense_v"].new_zeros(shape),
+                "held": [-1] * bank.capacity,
+            }
             bank.cache["dense_ring"] = ring
         for entry, proj in zip(bank.entries, projs):
             slot = entry.index % bank.capacity
