@@ -384,7 +384,7 @@ def build_model(
     expected = model.state_dict()
     has_memory_weights = any(k.startswith(MEMORY_PREFIX) for k in sd)
     if model.has_memory and not has_memory_weights:
-        pass
+        expected = {k: v for k, v in expected.items() if not k.startswith(MEMORY_PREFIX)}
         report.memory_attention = "fresh"
         report.notes.append("the checkpoint has no memory attention: it starts fresh (untrained)")
     elif model.has_memory:

@@ -47,7 +47,7 @@ def test_bench_writes_table_and_json(tmp_path):
         "--clicks",
         "20",
         "--memory-size",
-        "60",
+        "20",
         "--json",
         str(out),
     )
@@ -55,7 +55,7 @@ def test_bench_writes_table_and_json(tmp_path):
     assert "encoder speed-up" in proc.stdout and "memory overhead" in proc.stdout
     res = json.loads(out.read_text())
     assert set(res) >= KEYS
-    assert res["device"] == "cpu" and res["threads"] == 2 and res["memory_size"] == 60
+    assert res["device"] == "cpu" and res["threads"] == 2 and res["memory_size"] == 20
     assert res["encoder_speedup"] == res["encoder_reference_seconds"] / res["encoder_seconds"]
     assert res["memory_overhead"] == res["click_seconds_memory"] / res["click_seconds_no_memory"]
     assert all(res[k] > 0 for k in ("encoder_seconds", "click_seconds_memory", "peak_rss_mb"))
