@@ -17,6 +17,7 @@ cache is keyed by the weights that made it and is never serialised.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,9 @@ from .errors import ConfigError
 from .model.config import MEMORY_VARIANTS
 
 
+_ENTRY_SERIAL = itertools.count()
+
+
 @dataclass
 class MemoryEntry:
     """One interaction's memory. ``sparse`` ``(T, C)`` or None; ``dense`` ``(C, G, G, G)`` or None."""
@@ -35,6 +39,9 @@ class MemoryEntry:
     dense: torch.Tensor | None
     index: int = 0  # position in the object's interaction sequence (0 = first)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    # unique for the process: caches are keyed by it, never by ``index`` (after an undo a new entry
+    # can have the same index as the one it replaces)
+    uid: int = field(default_factory=lambda: next(_ENTRY_SERIAL), repr=False)
 
 
 class MemoryBank:

@@ -232,3 +232,21 @@ def test_fresh_memory_attention_only_renormalises(embedding):
         out = m.memory_attention(embedding, m.dense_pe(), bank)
         tokens = m.memory_attention.final_norm(embedding.flatten(2).transpose(1, 2))
     assert torch.allclose(out.flatten(2).transpose(1, 2), tokens, atol=1e-6)
+
+
+def test_ring_buffer_after_undo_uses_the_new_entry(model, embedding):
+    """An undone interaction's cached keys/values must not stand in for the entry that replaces it."""
+    pts, lab = clicks(4)
+    bank = model.new_memory_bank()
+    run(model, embedding, pts, lab, bank)
+    saved = (list(bank.entries)[:-1], bank.total_pushed - 1)
+    bank.entries.pop()  # undo the last interaction, as the session does
+    bank.total_pushed -= 1
+    assert [e.index for e in bank.entries] == [e.index for e in saved[0]]
+    other = torch.tensor([[[5.0, 120.0, 9.0]]])
+    with torch.no_grad():
+        model.step(embedding, torch.cat([pts[:, :3], other], 1), torch.cat([lab[:, :3], torch.ones(1, 1)], 1),
+                   torch.randn(1, 1, 32, 32, 32), bank=bank)
+        incremental = model.memory_attention(embedding, model.dense_pe(), bank)
+        fresh = model.memory_attention(embedding, model.dense_pe(), MemoryBank.from_dict(bank.to_dict()))
+    assert torch.allclose(incremental, fresh, atol=1e-6)

@@ -149,9 +149,9 @@ class MemoryAttention(nn.Module):
             bank.cache["dense_ring"] = ring
         for entry, proj in zip(bank.entries, projs):
             slot = entry.index % bank.capacity
-            if ring["held"][slot] != entry.index:
+            if ring["held"][slot] != entry.uid:
                 ring["k"][slot], ring["v"][slot] = proj["dense_k"], proj["dense_v"]
-                ring["held"][slot] = entry.index
+                ring["held"][slot] = entry.uid
         k, v = ring["k"][:n], ring["v"][:n]  # after eviction n == capacity: every slot is a live entry
         q = projs[-1]["dense_q"]  # (d, V)
         # broadcast multiply-sum: on CPU several times faster than einsum/bmm at these shapes
