@@ -26,3 +26,7 @@ class UntrustedCheckpointError(CheckpointError):
 
 class PromptError(MAISError, ValueError):
     """Invalid clicks or masks given to the network."""
+
+
+class ImageError(MAISError, ValueError):
+    """An image or segmentation that cannot be read, written or used (missing, damaged, 2-D/4-D, bad geometry)."""

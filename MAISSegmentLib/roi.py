@@ -1,0 +1,229 @@
+"""ROI geometry: the model's 128^3 RAS-aligned window at 1.5 mm, and resampling into it and back.
+
+Conventions
+-----------
+* A ROI voxel index ``a = (a0, a1, a2)`` runs along **R, A, S** (tensor dims 2, 3, 4 of the model
+  input), and its centre is at ``RAS = center + spacing * (a - size / 2)``: the voxel ``(64, 64, 64)``
+  sits exactly on ``center`` (the first click). SAM-Med3D's click coordinates are these indices.
+* Image arrays are KJI (``Volume.array``); boxes on the image grid are :class:`Box` in IJK with
+  exclusive upper bounds; ``Box.slices`` indexes a KJI array.
+
+Into the ROI (:func:`sample_roi`): trilinear resampling of the image at the ROI voxel centres (zero
+outside the image), then SAM-Med3D's z-normalisation (mean/std of ROI voxels > 0). This is the
+reference's "resample to 1.5 mm, reorient to RAS+, crop/pad to 128^3" done in one step, so any
+orientation (oblique, LPS/RAS, permuted/flipped axes) and any spacing is handled by the affine alone.
+
+Back onto the image (:func:`roi_logits_on_grid`): the reference upsamples the 32^3 logits trilinearly to
+128^3 (``align_corners=False``) and resamples nearest back onto the original grid. We evaluate the same
+trilinear upsampling at each original voxel centre's *continuous* ROI position ``a``, i.e. sample the
+low-res logits at ``(a + 0.5) / 4 - 0.5`` (edge-clamped; ``grid_sample(align_corners=False,
+padding_mode="border")`` at ``(2 a + 1) / 128 - 1``). At ROI voxel centres this equals the reference's
+128^3 logits exactly; in between it avoids the 1.5 mm staircase of nearest resampling, which on oblique
+or finer grids would make the mask depend on how the image is stored. Only the voxels of a requested
+box are computed (the changed region).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .volume import Volume
+
+MAX_CHUNK_VOXELS = 2_000_000  # voxels resampled per chunk when mapping logits back (bounds memory)
+
+
+@dataclass(frozen=True)
+class Box:
+    """Axis-aligned box of image voxels in IJK: ``lo`` inclusive, ``hi`` exclusive (both ``(i, j, k)``)."""
+
+    lo: tuple[int, int, int]
+    hi: tuple[int, int, int]
+
+    @property
+    def empty(self) -> bool:
+        return any(h <= lo for lo, h in zip(self.lo, self.hi))
+
+    @property
+    def shape_kji(self) -> tuple[int, int, int]:
+        return tuple(max(0, self.hi[d] - self.lo[d]) for d in (2, 1, 0))
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        """Index for a KJI array."""
+        return tuple(slice(self.lo[d], self.hi[d]) for d in (2, 1, 0))
+
+    def union(self, other: Box | None) -> Box:
+        if other is None or other.empty:
+            return self
+        if self.empty:
+            return other
+        return Box(
+            tuple(min(a, b) for a, b in zip(self.lo, other.lo)), tuple(max(a, b) for a, b in zip(self.hi, other.hi))
+        )
+
+    def intersect(self, other: Box) -> Box:
+        return Box(
+            tuple(max(a, b) for a, b in zip(self.lo, other.lo)), tuple(min(a, b) for a, b in zip(self.hi, other.hi))
+        )
+
+    @staticmethod
+    def nothing() -> Box:
+        return Box((0, 0, 0), (0, 0, 0))
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {"lo_ijk": list(self.lo), "hi_ijk": list(self.hi)}
+
+
+def image_box(volume: Volume) -> Box:
+    """The whole image as a box."""
+    return Box((0, 0, 0), tuple(int(n) for n in volume.shape_ijk))
+
+
+def box_around_ijk(points_ijk: np.ndarray, volume: Volume, pad: int = 1) -> Box:
+    """Smallest box containing continuous IJK points (``(N, 3)``), padded by ``pad`` voxels, clipped to the image."""
+    lo = np.floor(points_ijk.min(0)).astype(int) - pad
+    hi = np.ceil(points_ijk.max(0)).astype(int) + 1 + pad
+    return Box(tuple(int(x) for x in lo), tuple(int(x) for x in hi)).intersect(image_box(volume))
+
+
+@dataclass(frozen=True)
+class Roi:
+    """A cubic RAS-aligned window of ``size``^3 voxels of ``spacing`` mm centred at ``center`` (RAS mm)."""
+
+    center: tuple[float, float, float]
+    size: int = 128
+    spacing: float = 1.5
+
+    def roi_to_ras(self, a: np.ndarray) -> np.ndarray:
+        """ROI voxel indices ``(..., 3)`` (R, A, S order) -> RAS mm ``(..., 3)``."""
+        return np.asarray(self.center) + self.spacing * (np.asarray(a, dtype=np.float64) - self.size / 2)
+
+    def ras_to_roi(self, ras: np.ndarray) -> np.ndarray:
+        """RAS mm ``(..., 3)`` -> continuous ROI voxel indices ``(..., 3)``."""
+        return (np.asarray(ras, dtype=np.float64) - np.asarray(self.center)) / self.spacing + self.size / 2
+
+    def contains(self, ras: np.ndarray, margin: float = 0.0) -> np.ndarray:
+        """Whether RAS points lie inside the ROI, at least ``margin`` ROI voxels from its faces."""
+        a = self.ras_to_roi(ras)
+        return np.all((a >= -0.5 + margin) & (a <= self.size - 0.5 - margin), axis=-1)
+
+    def corners_ras(self, lo: float = -0.5, hi: float | None = None) -> np.ndarray:
+        """The 8 corners ``(8, 3)`` RAS of the index cube ``[lo, hi]^3`` (default: the whole ROI)."""
+        hi = self.size - 0.5 if hi is None else hi
+        c = np.array([[x, y, z] for x in (lo, hi) for y in (lo, hi) for z in (lo, hi)], dtype=np.float64)
+        return self.roi_to_ras(c)
+
+    def box_on(self, volume: Volume, lo: np.ndarray | None = None, hi: np.ndarray | None = None) -> Box:
+        """Image box covering the ROI index range ``[lo, hi]`` (per axis; default: the whole ROI)."""
+        lo = np.full(3, -0.5) if lo is None else np.asarray(lo, dtype=np.float64)
+        hi = np.full(3, self.size - 0.5) if hi is None else np.asarray(hi, dtype=np.float64)
+        a = np.array([[x[0], y[1], z[2]] for x in (lo, hi) for y in (lo, hi) for z in (lo, hi)])
+        return box_around_ijk(volume.ras_to_ijk_points(self.roi_to_ras(a)), volume)
+
+    def voxel_to_roi_affine(self, volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, b)`` with ``a = A @ (i, j, k) + b``: image voxel index -> continuous ROI index."""
+        m = volume.ijk_to_ras
+        return m[:3, :3] / self.spacing, (m[:3, 3] - np.asarray(self.center)) / self.spacing + self.size / 2
+
+
+def normalise_roi(x: torch.Tensor) -> torch.Tensor:
+    """SAM-Med3D's z-normalisation: mean/std of voxels > 0 (all voxels if fewer than 1% are > 0)."""
+    fg = x > 0
+    vals = x[fg] if fg.sum() >= 0.01 * x.numel() else x.flatten()
+    mean, std = vals.mean(), vals.std()
+    return (x - mean) / torch.clamp(std, min=1e-6)
+
+
+def sample_roi(volume: Volume, roi: Roi) -> torch.Tensor:
+    """Resample the image into the ROI and normalise it.
+
+    Returns:
+        ``(1, 1, size, size, size)`` float32 in ROI order (R, A, S), z-normalised.
+    """
+    size = roi.size
+    box = roi.box_on(volume)
+    if box.empty:
+        raise ValueError("the ROI does not overlap the image")
+    block = torch.from_numpy(np.ascontiguousarray(volume.array[box.slices], dtype=np.float32))[None, None]
+    # ROI voxel -> image voxel (relative to the box): ijk = M^-1 (center + s (a - size/2)) - lo
+    inv = volume.ras_to_ijk
+    a = torch.arange(size, dtype=torch.float64)
+    axes = [roi.center[d] + roi.spacing * (a - size / 2) for d in range(3)]  # RAS coordinate along each ROI axis
+    rot = torch.from_numpy(inv[:3, :3])
+    off = torch.from_numpy(inv[:3, 3]) - torch.tensor(box.lo, dtype=torch.float64)
+    ijk = (
+        rot[:, 0].view(1, 1, 1, 3) * axes[0].view(-1, 1, 1, 1)
+        + rot[:, 1].view(1, 1, 1, 3) * axes[1].view(1, -1, 1, 1)
+        + rot[:, 2].view(1, 1, 1, 3) * axes[2].view(1, 1, -1, 1)
+        + off
+    )  # (size, size, size, 3) continuous (i, j, k) inside the block
+    extent = torch.tensor(block.shape[2:][::-1], dtype=torch.float64)  # (I, J, K) of the block
+    grid = torch.where(extent > 1, 2 * ijk / (extent - 1).clamp(min=1) - 1, torch.zeros_like(ijk))
+    out = F.grid_sample(block, grid.float()[None], mode="bilinear", padding_mode="zeros", align_corners=True)
+    return normalise_roi(out)
+
+
+def roi_logits_on_grid(
+    logits: torch.Tensor, roi: Roi, volume: Volume, box: Box, blend_margin: float = 16.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ROI's logits at the centres of the image voxels in ``box``, as the reference computes them.
+
+    Args:
+        logits: ``(1, 1, s, s, s)`` low-res logits (s = 32) in ROI order.
+        roi: the ROI they belong to.
+        volume: the image (for its geometry).
+        box: image voxels to compute.
+        blend_margin: ROI voxels over which the weight falls to the ROI faces (for cross-fading
+            overlapping ROIs; a voxel covered by one ROI only is unaffected).
+
+    Returns:
+        ``(values, weights)``: float32 logits and blending weights (0 outside the ROI, 1 deeper than
+        ``blend_margin`` inside), both ``box.shape_kji``.
+    """
+    kk, jj, ii = box.shape_kji
+    values = np.zeros((kk, jj, ii), dtype=np.float32)
+    weights = np.zeros((kk, jj, ii), dtype=np.float32)
+    if box.empty:
+        return values, weights
+    a_mat, b_vec = roi.voxel_to_roi_affine(volume)
+    rows = max(1, MAX_CHUNK_VOXELS // max(1, jj * ii))
+    i = torch.arange(box.lo[0], box.hi[0], dtype=torch.float64)
+    j = torch.arange(box.lo[1], box.hi[1], dtype=torch.float64)
+    am, bv = torch.from_numpy(a_mat), torch.from_numpy(b_vec)
+    low = logits.detach().float().cpu()
+    for k0 in range(0, kk, rows):
+        k = torch.arange(box.lo[2] + k0, min(box.lo[2] + k0 + rows, box.hi[2]), dtype=torch.float64)
+        a = (
+            am[:, 2].view(1, 1, 1, 3) * k.view(-1, 1, 1, 1)
+            + am[:, 1].view(1, 1, 1, 3) * j.view(1, -1, 1, 1)
+            + am[:, 0].view(1, 1, 1, 3) * i.view(1, 1, -1, 1)
+            + bv
+        )  # (k, j, i, 3) continuous ROI index (R, A, S)
+        depth = torch.minimum(a + 0.5, roi.size - 0.5 - a)  # distance (ROI voxels) to the nearest face
+        w = torch.clamp(depth / blend_margin, 0, 1).prod(-1)  # 0 outside the ROI
+        norm = (2 * a + 1) / roi.size - 1  # align_corners=False coordinate of position a in any grid
+        grid = norm.flip(-1).float()[None]  # grid_sample wants (x, y, z) = (dim4, dim3, dim2)
+        v = F.grid_sample(low, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
+        sl = slice(k0, k0 + k.numel())
+        values[sl] = v.numpy()
+        weights[sl] = w.numpy()
+    return values, weights
+
+
+def positive_roi_range(logits: torch.Tensor, roi: Roi) -> tuple[np.ndarray, np.ndarray] | None:
+    """ROI index range ``(lo, hi)`` (per axis, continuous) that can hold positive voxels, or None.
+
+    Derived from the low-res voxels with logit > 0, dilated by one low-res voxel (trilinear
+    interpolation reaches that far).
+    """
+    pos = (logits[0, 0] > 0).nonzero()
+    if pos.numel() == 0:
+        return None
+    scale = roi.size / logits.shape[-1]
+    lo = (pos.min(0).values.cpu().numpy() - 1) * scale - 0.5
+    hi = (pos.max(0).values.cpu().numpy() + 2) * scale - 0.5
+    return np.clip(lo, -0.5, roi.size - 0.5), np.clip(hi, -0.5, roi.size - 0.5)

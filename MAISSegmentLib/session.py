@@ -1,0 +1,587 @@
+"""The interactive session: one object being segmented in one volume, click by click.
+
+A session owns everything that the mask depends on: the clicks (RAS mm, in order), the options and
+the model. The mask is a deterministic function of those, so ``state()`` only stores clicks + options
++ model id, and :meth:`InteractiveSession.from_state` replays them to the identical mask.
+
+ROIs. The model sees 128^3 RAS-aligned windows at 1.5 mm (:mod:`MAISSegmentLib.roi`). The first click
+places ROI 0 centred on it. A click outside every ROI opens a new ROI centred on it. When a prediction
+reaches a ROI face (positive logits in its outermost low-res layer) and the image continues there, a
+neighbouring ROI half a window further is added, seeded with an automatic include point where the
+current ROI is most confident inside the new one, and so on (up to ``max_rois``), so liver- or
+lung-sized objects are segmented without stopping at the window. Each ROI has its own click list
+(the user clicks inside it), previous logits and memory bank; its image embedding is computed once and
+cached (a second click in the same ROI never re-runs the encoder). Where ROIs overlap, their logits are
+cross-faded (weights fall linearly over ``blend_margin`` ROI voxels towards each ROI's faces), so
+there is no seam.
+
+Undo/redo restore the exact previous labelmap and model state (memory included) from snapshots, and
+``forget(i)`` removes any earlier click and rebuilds the memory by replaying the remaining clicks.
+Every call either succeeds or raises with the session exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, ImageError, PromptError
+from .memory import MemoryBank
+from .model.mais import MAISModel
+from .roi import Box, Roi, positive_roi_range, roi_logits_on_grid, sample_roi
+from .volume import Volume
+
+STATE_FORMAT = "maissegment-session"
+STATE_VERSION = 1
+GROW_MIN_MM = 12.0  # a neighbouring ROI is added only if the image continues this far beyond the face
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """Settings of a session (validated on construction)."""
+
+    use_memory: bool = True  # MAIS memory on (False: the no-memory baseline, same weights)
+    memory_size: int = 60  # memory bank capacity N per ROI
+    grow_rois: bool = True  # add neighbouring ROIs when the mask reaches a ROI face
+    max_rois: int = 27  # upper bound on ROIs per object
+    blend_margin: float = 16.0  # ROI voxels over which overlapping ROIs cross-fade
+    click_margin: float = 4.0  # a click within this many ROI voxels of a face opens a new ROI
+    max_image_voxels: int = 2_000_000_000  # refuse larger images (the mask alone needs 1 byte/voxel)
+    undo_limit: int = 200  # operations kept for undo
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.memory_size <= 10_000:
+            raise ConfigError(f"memory_size must be between 1 and 10000, got {self.memory_size}")
+        if not 1 <= self.max_rois <= 1000:
+            raise ConfigError(f"max_rois must be between 1 and 1000, got {self.max_rois}")
+        if not 0 < self.blend_margin <= 64:
+            raise ConfigError(f"blend_margin must be in (0, 64] ROI voxels, got {self.blend_margin}")
+        if not 0 <= self.click_margin < 32:
+            raise ConfigError(f"click_margin must be in [0, 32) ROI voxels, got {self.click_margin}")
+        if self.max_image_voxels < 8:
+            raise ConfigError("max_image_voxels is too small")
+        if self.undo_limit < 0:
+            raise ConfigError("undo_limit must be >= 0")
+
+
+@dataclass(frozen=True)
+class Click:
+    """A user click: position in RAS mm and include (True) / exclude (False)."""
+
+    ras: tuple[float, float, float]
+    include: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ras": [float(x) for x in self.ras], "include": bool(self.include)}
+
+
+@dataclass
+class _RoiState:
+    """Model state of one ROI: its clicks (ROI indices), previous logits and memory."""
+
+    roi: Roi
+    points: list[tuple[float, float, float]] = field(default_factory=list)  # ROI voxel indices (R, A, S)
+    labels: list[int] = field(default_factory=list)  # 1 include, 0 exclude
+    sources: list[int] = field(default_factory=list)  # session click index, -1 for an automatic seed
+    prev: torch.Tensor | None = None  # (1, 1, 32, 32, 32) logits of the last step
+    bank: MemoryBank | None = None
+
+    def copy(self) -> _RoiState:
+        """Snapshot: lists copied, tensors shared (never modified in place), bank entries shared."""
+        bank = None
+        if self.bank is not None:
+            bank = MemoryBank(self.bank.capacity, self.bank.variant)
+            bank.entries.extend(self.bank.entries)
+            bank.total_pushed = self.bank.total_pushed
+        return _RoiState(self.roi, list(self.points), list(self.labels), list(self.sources), self.prev, bank)
+
+
+@dataclass
+class _Snapshot:
+    clicks: list[Click]
+    rois: list[_RoiState]
+    options: SessionOptions
+
+
+@dataclass
+class _Record:
+    """One undoable operation: the states before/after and the mask patch it wrote."""
+
+    before: _Snapshot
+    after: _Snapshot
+    box: Box
+    mask_before: np.ndarray
+    mask_after: np.ndarray
+
+
+class InteractiveSession:
+    """Click-by-click segmentation of one object in one volume.
+
+    Args:
+        model: the network (eval mode; its device is used).
+        options: :class:`SessionOptions`.
+        model_id: identity recorded in :meth:`state` (defaults to the model's load report).
+
+    Example:
+        >>> s = InteractiveSession(model)
+        >>> s.set_image(volume)
+        >>> box = s.add_click((12.0, -40.5, 88.0), include=True)   # RAS mm
+        >>> s.mask[box.slices]                                      # the changed region, KJI
+    """
+
+    def __init__(self, model: MAISModel, options: SessionOptions | None = None, model_id: str | None = None) -> None:
+        self.model = model.eval()
+        self.options = options or SessionOptions()
+        if self.options.use_memory and not model.has_memory:
+            raise ConfigError("use_memory=True but the model has no memory attention; set use_memory=False")
+        report = getattr(model, "load_report", None)
+        self.model_id = model_id or (report.model_id if report and report.model_id else None) or "unknown"
+        self.image: Volume | None = None
+        self.protected: np.ndarray | None = None
+        self._mask: np.ndarray | None = None
+        self._clicks: list[Click] = []
+        self._rois: list[_RoiState] = []
+        self._embeddings: dict[Roi, torch.Tensor] = {}
+        self._pe: torch.Tensor | None = None
+        self._undo: list[_Record] = []
+        self._redo: list[_Record] = []
+        self.encoder_runs = 0  # number of image-encoder calls (once per ROI)
+        self.last_timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def mask(self) -> np.ndarray:
+        """The object's mask, uint8 ``(K, J, I)`` on the image grid (a view: copy before modifying)."""
+        self._need_image()
+        return self._mask
+
+    @property
+    def clicks(self) -> list[Click]:
+        return list(self._clicks)
+
+    @property
+    def rois(self) -> list[Roi]:
+        return [r.roi for r in self._rois]
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    # ------------------------------------------------------------------------------ image
+    def set_image(self, volume: Volume, protected: np.ndarray | None = None) -> None:
+        """Start a new object on ``volume`` (clears clicks, history and cached embeddings).
+
+        Raises:
+            ImageError: too large, NaN/Inf voxels, constant image, protected mask of the wrong shape.
+        """
+        n = int(np.prod(volume.array.shape))
+        if n > self.options.max_image_voxels:
+            raise ImageError(
+                f"the image has {n:,} voxels, more than this session accepts ({self.options.max_image_voxels:,}); "
+                "crop or downsample it first (the mask alone needs one byte per voxel)"
+            )
+        arr = volume.array
+        if np.issubdtype(arr.dtype, np.floating):
+            bad = int(n - np.count_nonzero(np.isfinite(arr)))
+            if bad:
+                raise ImageError(f"the image has {bad:,} NaN/Inf voxels; replace them (e.g. with the minimum) first")
+        elif not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+            raise ImageError(f"unsupported voxel type {arr.dtype}; a scalar integer or float image is needed")
+        if arr.min() == arr.max():
+            raise ImageError(f"the image is constant (every voxel is {arr.flat[0]}); there is nothing to segment")
+        prot = self._check_protected(protected, volume)
+        try:
+            mask = np.zeros(arr.shape, dtype=np.uint8)
+        except MemoryError:
+            raise ImageError(f"not enough memory for a {arr.shape} mask; crop the image first") from None
+        self.image, self.protected, self._mask = volume, prot, mask
+        self._clicks, self._rois, self._embeddings = [], [], {}
+        self._undo, self._redo = [], []
+        self._pe = None
+
+    def set_protected(self, protected: np.ndarray | None) -> Box:
+        """Voxels the mask must never include (e.g. other segments). Undoable. Returns the changed box."""
+        self._need_image()
+        prot = self._check_protected(protected, self.image)
+        before = self._snapshot()
+        box = self._positive_box(self._rois)
+        old = self._mask[box.slices].copy()
+        self.protected = prot
+        self._compose(box)
+        self._record(before, box, old)
+        return box
+
+    # ------------------------------------------------------------------------------ clicks
+    def add_click(self, point: Sequence[float], include: bool = True, space: str = "ras") -> Box:
+        """Add an include/exclude click and update the mask.
+
+        Args:
+            point: ``(3,)`` position: RAS mm (``space="ras"``) or continuous IJK voxel index of the
+                image (``space="ijk"``).
+            include: True for an include (+) click, False for exclude (-).
+            space: ``"ras"`` or ``"ijk"``.
+
+        Returns:
+            The changed region of :attr:`mask` (IJK box; ``box.slices`` indexes the KJI array).
+
+        Raises:
+            PromptError: malformed point, outside the image, include click on a protected voxel.
+        """
+        self._need_image()
+        click = self._make_click(point, include, space)
+        before = self._snapshot()
+        t0 = time.perf_counter()
+        self.last_timings = {"encoder": 0.0, "memory": 0.0, "decoder": 0.0, "resample": 0.0}
+        try:
+            old_box = self._positive_box(self._rois)
+            updated = self._apply_click(click, len(self._clicks))
+            self._clicks.append(click)
+            box = old_box.union(self._positive_box(self._rois)) if updated else old_box
+            old = self._mask[box.slices].copy()
+            t1 = time.perf_counter()
+            self._compose(box)
+            self.last_timings["resample"] += time.perf_counter() - t1
+        except BaseException:
+            self._restore(before)
+            raise
+        self._record(before, box, old)
+        self.last_timings["total"] = time.perf_counter() - t0
+        return box
+
+    def undo(self) -> Box:
+        """Undo the last operation (click, forget, reset...). Returns the changed box; nothing to undo: empty box."""
+        if not self._undo:
+            return Box.nothing()
+        rec = self._undo.pop()
+        self._restore(rec.before)
+        self._mask[rec.box.slices] = rec.mask_before
+        self._redo.append(rec)
+        return rec.box
+
+    def redo(self) -> Box:
+        """Redo the last undone operation. Returns the changed box (empty if nothing to redo)."""
+        if not self._redo:
+            return Box.nothing()
+        rec = self._redo.pop()
+        self._restore(rec.after)
+        self._mask[rec.box.slices] = rec.mask_after
+        self._undo.append(rec)
+        return rec.box
+
+    def forget(self, index: int) -> Box:
+        """Remove click ``index`` (negative counts from the end); the memory is rebuilt from the rest.
+
+        Raises:
+            PromptError: no such click.
+        """
+        self._need_image()
+        n = len(self._clicks)
+        if not -n <= index < n:
+            raise PromptError(f"there is no click {index}; the session has {n} click(s)")
+        keep = [c for i, c in enumerate(self._clicks) if i != index % n]
+        return self._rebuild(keep, self.options)
+
+    def reset(self) -> Box:
+        """Remove every click (undoable); the cached embeddings are kept."""
+        self._need_image()
+        return self._rebuild([], self.options)
+
+    def configure(self, use_memory: bool | None = None, memory_size: int | None = None) -> Box:
+        """Switch the memory on/off or change its size; the clicks are replayed with the new settings."""
+        self._need_image()
+        changes = {k: v for k, v in {"use_memory": use_memory, "memory_size": memory_size}.items() if v is not None}
+        options = dataclasses.replace(self.options, **changes)
+        if options.use_memory and not self.model.has_memory:
+            raise ConfigError("this model has no memory attention; memory cannot be switched on")
+        return self._rebuild(list(self._clicks), options)
+
+    # ------------------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable state: clicks, options, model id and the image geometry."""
+        self._need_image()
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "model_id": self.model_id,
+            "options": dataclasses.asdict(self.options),
+            "image": {
+                "shape_kji": [int(x) for x in self.image.array.shape],
+                "ijk_to_ras": np.asarray(self.image.ijk_to_ras, dtype=float).tolist(),
+            },
+            "clicks": [c.to_json() for c in self._clicks],
+        }
+
+    @classmethod
+    def from_state(
+        cls,
+        model: MAISModel,
+        volume: Volume,
+        state: dict[str, Any],
+        protected: np.ndarray | None = None,
+        check_model: bool = True,
+    ) -> InteractiveSession:
+        """Rebuild a session from :meth:`state` on the same image; replays the clicks to the same mask.
+
+        Raises:
+            ConfigError: not a session state, another model (``check_model``), or another image geometry.
+        """
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ConfigError("not a MAISSegment session state (missing format 'maissegment-session')")
+        if int(state.get("version", 0)) > STATE_VERSION:
+            raise ConfigError(f"session state version {state.get('version')} is newer than this MAISSegment")
+        try:
+            options = SessionOptions(**state["options"])
+            clicks = [Click(tuple(float(x) for x in c["ras"]), bool(c["include"])) for c in state["clicks"]]
+            geom = state["image"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"the session state is incomplete or malformed: {exc}") from None
+        session = cls(model, options)
+        if check_model and state.get("model_id") not in (None, "unknown", session.model_id):
+            raise ConfigError(
+                f"the session was made with model {state.get('model_id')!r} but {session.model_id!r} is loaded; "
+                "load that model (or pass check_model=False to replay with this one)"
+            )
+        session.model_id = state.get("model_id") or session.model_id
+        if list(volume.array.shape) != list(geom["shape_kji"]) or not np.allclose(
+            volume.ijk_to_ras, np.asarray(geom["ijk_to_ras"]), atol=1e-4
+        ):
+            raise ConfigError("the session state belongs to another image (shape or geometry differ)")
+        session.set_image(volume, protected)
+        for c in clicks:
+            session._apply_click(c, len(session._clicks))
+            session._clicks.append(c)
+        session._compose(session._positive_box(session._rois))
+        return session
+
+    # ------------------------------------------------------------------------------ internals
+    def _need_image(self) -> None:
+        if self.image is None:
+            raise PromptError("no image: call set_image(volume) first")
+
+    def _check_protected(self, protected: np.ndarray | None, volume: Volume) -> np.ndarray | None:
+        if protected is None:
+            return None
+        prot = np.asarray(protected)
+        if prot.shape != volume.array.shape:
+            raise ImageError(f"the protected mask has shape {prot.shape} but the image is {volume.array.shape} (KJI)")
+        return prot.astype(bool)
+
+    def _make_click(self, point: Sequence[float], include: bool, space: str) -> Click:
+        if space not in ("ras", "ijk"):
+            raise PromptError(f"space must be 'ras' or 'ijk', got {space!r}")
+        if not isinstance(include, (bool, np.bool_)):
+            raise PromptError(f"include must be True or False, got {include!r}")
+        try:
+            p = np.asarray(point, dtype=np.float64).reshape(3)
+        except (TypeError, ValueError):
+            raise PromptError(f"a click needs 3 coordinates, got {point!r}") from None
+        if not np.all(np.isfinite(p)):
+            raise PromptError(f"click coordinates must be finite numbers, got {p.tolist()}")
+        ras = self.image.ijk_to_ras_points(p[None])[0] if space == "ijk" else p
+        ijk = self.image.ras_to_ijk_points(ras[None])[0]
+        n = np.asarray(self.image.shape_ijk)
+        if np.any(ijk < -0.5) or np.any(ijk > n - 0.5):
+            raise PromptError(
+                f"the click at RAS {np.round(ras, 2).tolist()} mm (IJK {np.round(ijk, 1).tolist()}) is outside the "
+                f"image (IJK size {n.tolist()}); check the coordinate system (RAS vs LPS) of the points"
+            )
+        if include and self.protected is not None:
+            i, j, k = np.clip(np.floor(ijk + 0.5).astype(int), 0, n - 1)
+            if self.protected[k, j, i]:
+                raise PromptError(
+                    "the include click lies on a protected voxel (e.g. another segment that must not be "
+                    "overwritten); click inside the object, or change the masking settings"
+                )
+        return Click((float(ras[0]), float(ras[1]), float(ras[2])), bool(include))
+
+    def _new_roi_state(self, center: np.ndarray) -> _RoiState:
+        if len(self._rois) >= self.options.max_rois:
+            raise PromptError(
+                f"this object already spans {len(self._rois)} ROIs (max_rois); raise max_rois or start a new segment"
+            )
+        bank = self.model.new_memory_bank(capacity=self.options.memory_size) if self.options.use_memory else None
+        size = self.model.cfg.image_encoder.img_size
+        state = _RoiState(Roi(tuple(float(x) for x in center), size=size, spacing=1.5), bank=bank)
+        self._rois.append(state)
+        return state
+
+    def _embedding(self, roi: Roi) -> torch.Tensor:
+        emb = self._embeddings.get(roi)
+        if emb is None:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                image = sample_roi(self.image, roi).to(self.model.device)
+                emb = self.model.encode_image(image)
+            self._embeddings[roi] = emb
+            self.encoder_runs += 1
+            self.last_timings["encoder"] = self.last_timings.get("encoder", 0.0) + time.perf_counter() - t0
+        return emb
+
+    def _step(self, st: _RoiState, point: np.ndarray, label: int, source: int) -> None:
+        """Run the model for one new point of ROI ``st`` (point in ROI indices)."""
+        size = st.roi.size
+        p = tuple(float(x) for x in np.clip(np.floor(point + 0.5), 0, size - 1))
+        emb = self._embedding(st.roi)
+        if self._pe is None:
+            with torch.inference_mode():
+                self._pe = self.model.dense_pe()
+        dev = self.model.device
+        points = torch.tensor([[*st.points, p]], dtype=torch.float32, device=dev)
+        labels = torch.tensor([[*st.labels, label]], dtype=torch.float32, device=dev)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.step(emb, points, labels, st.prev, bank=st.bank, image_pe=self._pe)
+        self.last_timings["decoder"] = self.last_timings.get("decoder", 0.0) + time.perf_counter() - t0
+        st.points.append(p)
+        st.labels.append(label)
+        st.sources.append(source)
+        st.prev = out.low_res_logits
+
+    def _apply_click(self, click: Click, index: int) -> bool:
+        """Route a click to the ROIs containing it (or a new one), then grow ROIs. Returns True."""
+        ras = np.asarray(click.ras)
+        targets = [st for st in self._rois if st.roi.contains(ras, margin=self.options.click_margin)]
+        if not targets:
+            targets = [self._new_roi_state(ras)]
+        for st in targets:
+            self._step(st, st.roi.ras_to_roi(ras), int(click.include), index)
+        if self.options.grow_rois:
+            self._grow(targets)
+        return True
+
+    def _grow(self, updated: list[_RoiState]) -> None:
+        """Add neighbouring ROIs where a prediction reaches a ROI face and the image continues."""
+        queue = list(updated)
+        image_lo, image_hi = self._image_ras_bounds()
+        while queue:
+            st = queue.pop(0)
+            if st.prev is None:
+                continue
+            pos = (st.prev[0, 0] > 0).cpu().numpy()
+            half = st.roi.size * st.roi.spacing / 2
+            for axis in range(3):
+                for sign in (-1, 1):
+                    face = pos.take(0 if sign < 0 else -1, axis=axis)
+                    if not face.any():
+                        continue
+                    face_coord = st.roi.center[axis] + sign * half
+                    beyond = (image_hi[axis] - face_coord) if sign > 0 else (face_coord - image_lo[axis])
+                    if beyond < GROW_MIN_MM:
+                        continue  # the image (almost) ends at this face: nothing to grow into
+                    center = np.asarray(st.roi.center, dtype=np.float64)
+                    center[axis] += sign * half
+                    if any(np.max(np.abs(np.asarray(o.roi.center) - center)) < half / 2 for o in self._rois):
+                        continue  # already covered
+                    if len(self._rois) >= self.options.max_rois:
+                        return
+                    seed = self._seed_point(st, center)
+                    if seed is None:
+                        continue
+                    new = self._new_roi_state(center)
+                    self._step(new, new.roi.ras_to_roi(seed), 1, -1)
+                    queue.append(new)
+
+    def _seed_point(self, st: _RoiState, new_center: np.ndarray) -> np.ndarray | None:
+        """RAS of the source ROI's most confident positive low-res voxel inside the new ROI (with margin)."""
+        logits = st.prev[0, 0].cpu()
+        scale = st.roi.size / logits.shape[-1]
+        pos = (logits > 0).nonzero().numpy()
+        if len(pos) == 0:
+            return None
+        ras = st.roi.roi_to_ras((pos + 0.5) * scale - 0.5)
+        probe = Roi(tuple(new_center), st.roi.size, st.roi.spacing)
+        ok = probe.contains(ras, margin=8) & self.image_contains(ras)
+        if not ok.any():
+            return None
+        vals = logits[tuple(pos[ok].T)].numpy()
+        return ras[ok][int(np.argmax(vals))]
+
+    def image_contains(self, ras: np.ndarray) -> np.ndarray:
+        """Whether RAS points ``(N, 3)`` fall inside the image."""
+        ijk = self.image.ras_to_ijk_points(np.atleast_2d(ras))
+        n = np.asarray(self.image.shape_ijk)
+        return np.all((ijk >= -0.5) & (ijk <= n - 0.5), axis=-1)
+
+    def _image_ras_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        n = np.asarray(self.image.shape_ijk, dtype=np.float64)
+        corners = np.array(
+            [[x, y, z] for x in (-0.5, n[0] - 0.5) for y in (-0.5, n[1] - 0.5) for z in (-0.5, n[2] - 0.5)]
+        )
+        ras = self.image.ijk_to_ras_points(corners)
+        return ras.min(0), ras.max(0)
+
+    def _positive_box(self, rois: list[_RoiState]) -> Box:
+        """Image box that can hold positive voxels of these ROIs."""
+        box = Box.nothing()
+        for st in rois:
+            if st.prev is None:
+                continue
+            rng = positive_roi_range(st.prev, st.roi)
+            if rng is not None:
+                box = box.union(st.roi.box_on(self.image, *rng))
+        return box
+
+    def _compose(self, box: Box) -> None:
+        """Recompute the mask inside ``box`` from every ROI covering it (cross-faded logits)."""
+        if box.empty:
+            return
+        shape = box.shape_kji
+        num = np.zeros(shape, dtype=np.float32)
+        den = np.zeros(shape, dtype=np.float32)
+        for st in self._rois:
+            if st.prev is None:
+                continue
+            sub = box.intersect(st.roi.box_on(self.image))
+            if sub.empty:
+                continue
+            values, weights = roi_logits_on_grid(st.prev, st.roi, self.image, sub, self.options.blend_margin)
+            rel = tuple(slice(s.start - o, s.stop - o) for s, o in zip(sub.slices, (box.lo[2], box.lo[1], box.lo[0])))
+            num[rel] += weights * values
+            den[rel] += weights
+        mask = (den > 0) & (num > 0)
+        if self.protected is not None:
+            mask &= ~self.protected[box.slices]
+        self._mask[box.slices] = mask
+
+    def _snapshot(self) -> _Snapshot:
+        return _Snapshot(list(self._clicks), [st.copy() for st in self._rois], self.options)
+
+    def _restore(self, snap: _Snapshot) -> None:
+        self._clicks = list(snap.clicks)
+        self._rois = [st.copy() for st in snap.rois]
+        self.options = snap.options
+
+    def _record(self, before: _Snapshot, box: Box, mask_before: np.ndarray) -> None:
+        rec = _Record(before, self._snapshot(), box, mask_before, self._mask[box.slices].copy())
+        self._undo.append(rec)
+        del self._undo[: max(0, len(self._undo) - self.options.undo_limit)]
+        self._redo.clear()
+
+    def _rebuild(self, clicks: list[Click], options: SessionOptions) -> Box:
+        """Replace the clicks/options and replay from scratch (undoable)."""
+        before = self._snapshot()
+        old_box = self._positive_box(self._rois)
+        try:
+            self.options = options
+            self._clicks, self._rois = [], []
+            for c in clicks:
+                self._apply_click(c, len(self._clicks))
+                self._clicks.append(c)
+            box = old_box.union(self._positive_box(self._rois))
+            old = self._mask[box.slices].copy()
+            self._compose(box)
+        except BaseException:
+            self._restore(before)
+            raise
+        self._record(before, box, old)
+        return box
