@@ -27,7 +27,6 @@ import torch
 from .errors import ConfigError
 from .model.config import MEMORY_VARIANTS
 
-
 _ENTRY_SERIAL = itertools.count()
 
 

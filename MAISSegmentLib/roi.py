@@ -185,11 +185,14 @@ def roi_logits_on_grid(
         ``blend_margin`` inside), both ``box.shape_kji``.
     """
     kk, jj, ii = box.shape_kji
+    if box.empty:
+        return np.zeros((kk, jj, ii), dtype=np.float32), np.zeros((kk, jj, ii), dtype=np.float32)
+    a_mat, b_vec = roi.voxel_to_roi_affine(volume)
+    perm = _axis_permutation(a_mat)
+    if perm is not None:
+        return _separable_logits(logits, roi, a_mat, b_vec, perm, box, blend_margin)
     values = np.zeros((kk, jj, ii), dtype=np.float32)
     weights = np.zeros((kk, jj, ii), dtype=np.float32)
-    if box.empty:
-        return values, weights
-    a_mat, b_vec = roi.voxel_to_roi_affine(volume)
     rows = max(1, MAX_CHUNK_VOXELS // max(1, jj * ii))
     i = torch.arange(box.lo[0], box.hi[0], dtype=torch.float64)
     j = torch.arange(box.lo[1], box.hi[1], dtype=torch.float64)
@@ -212,6 +215,53 @@ def roi_logits_on_grid(
         values[sl] = v.numpy()
         weights[sl] = w.numpy()
     return values, weights
+
+
+def _axis_permutation(a_mat: np.ndarray, tol: float = 1e-9) -> list[int] | None:
+    """For an axis-aligned image (each IJK axis along one RAS axis, in any order and sign), the ROI
+    axis of each image axis ``[r(i), r(j), r(k)]``; None for an oblique image."""
+    nz = np.abs(a_mat) > tol * np.abs(a_mat).max()
+    if not (nz.sum(0) == 1).all() or not (nz.sum(1) == 1).all():
+        return None
+    return [int(np.argmax(nz[:, d])) for d in range(3)]
+
+
+def _interp_matrix(a: torch.Tensor, n_low: int, size: int) -> torch.Tensor:
+    """Rows of 1-D linear interpolation weights ``(len(a), n_low)`` of the low-res grid at ROI positions ``a``.
+
+    Same arithmetic as ``grid_sample(align_corners=False, padding_mode="border")``: position ``a`` of the
+    ``size`` grid is ``u = (a + 0.5) * n_low / size - 0.5`` in the low-res grid, clamped to its range.
+    """
+    u = ((a + 0.5) * n_low / size - 0.5).clamp(0, n_low - 1)
+    i0 = u.floor().long().clamp(max=n_low - 1)
+    i1 = (i0 + 1).clamp(max=n_low - 1)
+    f = (u - i0).float()
+    w = torch.zeros(len(a), n_low)
+    w.scatter_add_(1, i0[:, None], (1 - f)[:, None])
+    w.scatter_add_(1, i1[:, None], f[:, None])
+    return w
+
+
+def _separable_logits(
+    logits: torch.Tensor, roi: Roi, a_mat: np.ndarray, b_vec: np.ndarray, perm: list[int], box: Box, margin: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`roi_logits_on_grid` for axis-aligned images: trilinear interpolation is separable, so the
+    box is filled by three small matrix products instead of per-voxel sampling (~50x faster)."""
+    low = logits.detach().float().cpu()[0, 0]  # (R, A, S)
+    n_low = low.shape[0]
+    mats, wts = [], []
+    for d in (2, 1, 0):  # output axes k, j, i
+        r = perm[d]
+        idx = torch.arange(box.lo[d], box.hi[d], dtype=torch.float64)
+        a = a_mat[r, d] * idx + b_vec[r]  # ROI position along ROI axis r
+        mats.append(_interp_matrix(a, n_low, roi.size))
+        wts.append(torch.clamp(torch.minimum(a + 0.5, roi.size - 0.5 - a) / margin, 0, 1).float())
+    t = low.permute(perm[2], perm[1], perm[0]).contiguous()  # ROI axes in output order (k, j, i)
+    t = torch.tensordot(mats[0], t, dims=([1], [0]))  # (K, n, n)
+    t = torch.matmul(mats[1], t)  # (K, J, n)
+    t = torch.matmul(t, mats[2].T)  # (K, J, I)
+    w = wts[0][:, None, None] * wts[1][None, :, None] * wts[2][None, None, :]
+    return t.numpy(), w.numpy()
 
 
 def positive_roi_range(logits: torch.Tensor, roi: Roi) -> tuple[np.ndarray, np.ndarray] | None:
