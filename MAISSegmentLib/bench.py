@@ -8,6 +8,9 @@ Measured in one run, so ratios compare like with like:
   interactions and with the memory off, on the same weights and click sequence -> ``memory_overhead``.
   A click is: prompt encoder, memory attention (when on), mask decoder, and the low-res logits
   upsampled to the 128^3 ROI and thresholded (what the session turns into a mask);
+* first click and click -> mask through the interactive session on a synthetic 512x512x300 CT
+  (0.8 x 0.8 x 1.0 mm): ROI resampling, encoder, network and resampling back onto the original grid
+  (``first_click_seconds``, ``click_to_mask_seconds``, ``click_to_mask_breakdown``);
 * peak resident memory of the process (and peak CUDA memory on a GPU).
 """
 
@@ -23,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -86,6 +90,78 @@ def time_clicks(
     return times
 
 
+def synthetic_ct(shape_kji: tuple[int, int, int] = (300, 512, 512), spacing=(0.8, 0.8, 1.0), seed: int = 0):
+    """A CT-like int16 volume (body ellipse, a 5 cm 'organ', noise) and the organ centre in RAS mm.
+
+    Built slice by slice to keep memory at the size of the result (512x512x300 int16 = 157 MB).
+    """
+    from .volume import Volume
+
+    rng = np.random.default_rng(seed)
+    k_n, j_n, i_n = shape_kji
+    vol = Volume.from_geometry(np.empty(shape_kji, dtype=np.int16), spacing, (0.0, 0.0, 0.0))
+    centre_ijk = np.array([i_n * 0.55, j_n * 0.45, k_n * 0.5])
+    jj, ii = np.meshgrid(np.arange(j_n), np.arange(i_n), indexing="ij")
+    body = ((ii - i_n / 2) / (0.42 * i_n)) ** 2 + ((jj - j_n / 2) / (0.32 * j_n)) ** 2 <= 1
+    for k in range(k_n):
+        d2 = ((ii - centre_ijk[0]) * spacing[0]) ** 2 + ((jj - centre_ijk[1]) * spacing[1]) ** 2
+        d2 = d2 + ((k - centre_ijk[2]) * spacing[2]) ** 2
+        sl = np.where(body, 40.0, -1000.0) + np.where(d2 <= 25.0**2, 80.0, 0.0)
+        vol.array[k] = (sl + rng.normal(0, 15, sl.shape)).astype(np.int16)
+    return vol, vol.ijk_to_ras_points(centre_ijk[None])[0]
+
+
+def run_click_to_mask(
+    model: MAISModel,
+    clicks: int = 10,
+    shape_kji: tuple[int, int, int] = (300, 512, 512),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """First click and click -> mask on the original grid of a large CT, through the session.
+
+    ROI growth is off: with random weights the predicted blob touches the window faces and would open
+    ROIs (and encoder runs) that a trained model would not.
+    """
+    from .session import InteractiveSession, SessionOptions
+
+    vol, centre = synthetic_ct(shape_kji)
+    rng = np.random.default_rng(1)
+    session = InteractiveSession(model, SessionOptions(grow_rois=False))
+    t0 = time.perf_counter()
+    session.set_image(vol)
+    box = session.add_click(centre, True)
+    first = time.perf_counter() - t0
+    first_t = dict(session.last_timings)
+    log(f"first click on {shape_kji[::-1]} (IJK) CT: {first:.3f}s {_fmt(first_t)}")
+    per_click, parts, voxels = [], [], []
+    for n in range(clicks):
+        p = centre + rng.uniform(-20, 20, 3)
+        t0 = time.perf_counter()
+        box = session.add_click(p, bool(n % 3 != 2))
+        per_click.append(time.perf_counter() - t0)
+        parts.append(dict(session.last_timings))
+        voxels.append(int(np.prod(box.shape_kji)))
+    med = {k: statistics.median(t[k] for t in parts) for k in ("decoder", "resample")}
+    log(
+        f"click -> mask: median {statistics.median(per_click):.3f}s (network {med['decoder']:.3f}s, "
+        f"resample {med['resample']:.3f}s) over boxes of median {statistics.median(voxels):,} voxels"
+    )
+    return {
+        "first_click_seconds": first,
+        "click_to_mask_seconds": statistics.median(per_click),
+        "click_to_mask_breakdown": {
+            "first_click": {k: first_t.get(k, 0.0) for k in ("roi", "encoder", "decoder", "resample")},
+            "click": {"network": med["decoder"], "resample": med["resample"]},
+            "changed_box_voxels_median": statistics.median(voxels),
+            "image_shape_ijk": list(shape_kji[::-1]),
+        },
+    }
+
+
+def _fmt(t: dict[str, float]) -> str:
+    return "(" + ", ".join(f"{k} {v:.3f}s" for k, v in t.items() if k != "total") + ")"
+
+
 def run_bench(
     preset: str = "sam-med3d-vit-b",
     device: str = "auto",
@@ -94,6 +170,7 @@ def run_bench(
     clicks: int = 20,
     memory_size: int = 60,
     log: Callable[[str], None] = print,
+    with_ct: bool = True,
 ) -> dict[str, Any]:
     """Measure and return the figures (see module docstring). Keys are stable: tools read them."""
     if threads:
@@ -137,6 +214,8 @@ def run_bench(
         res["click_seconds_memory"] = statistics.median(t_mem)
         res["click_seconds_no_memory"] = statistics.median(t_none)
         res["memory_overhead"] = res["click_seconds_memory"] / res["click_seconds_no_memory"]
+        if with_ct:
+            res.update(run_click_to_mask(model, log=log))
     res["peak_rss_mb"] = peak_rss_mb()
     if dev.type == "cuda":
         res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
@@ -156,6 +235,23 @@ def format_table(res: dict[str, Any]) -> str:
         ("memory overhead", f"{res['memory_overhead']:.2f}x"),
         ("peak RSS", f"{res['peak_rss_mb']:.0f} MiB"),
     ]
+    if "first_click_seconds" in res:
+        b = res["click_to_mask_breakdown"]
+        f = b["first_click"]
+        rows.append(
+            (
+                "first click, 512x512x300 CT",
+                f"{res['first_click_seconds']:.3f} s (ROI {f['roi']:.3f}, encoder "
+                f"{f['encoder']:.3f}, network {f['decoder']:.3f}, resample {f['resample']:.3f})",
+            )
+        )
+        rows.append(
+            (
+                "click -> mask, same CT",
+                f"{res['click_to_mask_seconds'] * 1000:.0f} ms (network "
+                f"{b['click']['network'] * 1000:.0f}, resample {b['click']['resample'] * 1000:.0f})",
+            )
+        )
     if "peak_cuda_mb" in res:
         rows.append(("peak CUDA memory", f"{res['peak_cuda_mb']:.0f} MiB"))
     width = max(len(r[0]) for r in rows)

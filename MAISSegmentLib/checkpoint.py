@@ -47,6 +47,7 @@ from .model.mais import MEMORY_PREFIX, MAISModel
 FORMAT = "maissegment-checkpoint"
 FORMAT_VERSION = 1
 
+
 # NumPy scalars (``np.float64(0.7)``) pickle as ``<numpy core>.multiarray.scalar``: ``numpy.core`` when the
 # file was written with NumPy 1.x, ``numpy._core`` with NumPy 2.x. Both names must be accepted whichever
 # NumPy is installed, or an older SAM-Med3D checkpoint would need ``trusted=True``. (``np._core`` first:
@@ -222,7 +223,7 @@ def split_checkpoint(obj: Any) -> tuple[str, dict[str, torch.Tensor], dict[str, 
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError("the checkpoint's weights are not a dict of tensors")
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
         meta = {**meta, "_note": "removed the 'module.' prefix of a DistributedDataParallel save"}
     pe = sd.get("image_encoder.patch_embed.proj.weight")
     if pe is not None and pe.ndim == 4:
@@ -314,7 +315,8 @@ def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.T
         problems.append(f"{len(wrong)} wrong shape(s): {'; '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
     if problems:
         raise CheckpointError(
-            "the checkpoint does not fit the network (nothing was loaded): " + " | ".join(problems)
+            "the checkpoint does not fit the network (nothing was loaded): "
+            + " | ".join(problems)
             + ". Use the model preset the checkpoint was trained with, or a checkpoint of this architecture."
         )
 

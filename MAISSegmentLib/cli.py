@@ -27,6 +27,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="encoder runs per variant (median; >= 3)")
     p.add_argument("--clicks", type=int, default=20, help="timed clicks per variant (median; >= 20)")
     p.add_argument("--memory-size", type=int, default=60, help="memory bank capacity N, filled before timing")
+    p.add_argument("--no-ct", action="store_true", help="skip the first-click / click-to-mask run on a 512x512x300 CT")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=_cmd_bench)
 
@@ -44,6 +45,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.clicks,
         args.memory_size,
         log=lambda s: print(s, file=sys.stderr),
+        with_ct=not args.no_ct,
     )
     print(format_table(res))
     if args.json:

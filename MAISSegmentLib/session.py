@@ -241,7 +241,9 @@ class InteractiveSession:
         click = self._make_click(point, include, space)
         before = self._snapshot()
         t0 = time.perf_counter()
-        self.last_timings = {"encoder": 0.0, "memory": 0.0, "decoder": 0.0, "resample": 0.0}
+        # seconds of this click: ROI resampling + encoder (new ROIs only), network (prompt encoder, memory
+        # attention, decoder), resampling the logits back onto the image grid, and the total
+        self.last_timings = {"roi": 0.0, "encoder": 0.0, "decoder": 0.0, "resample": 0.0}
         try:
             old_box = self._positive_box(self._rois)
             updated = self._apply_click(click, len(self._clicks))
@@ -421,10 +423,12 @@ class InteractiveSession:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 image = sample_roi(self.image, roi).to(self.model.device)
+                t1 = time.perf_counter()
                 emb = self.model.encode_image(image)
             self._embeddings[roi] = emb
             self.encoder_runs += 1
-            self.last_timings["encoder"] = self.last_timings.get("encoder", 0.0) + time.perf_counter() - t0
+            self.last_timings["roi"] = self.last_timings.get("roi", 0.0) + t1 - t0
+            self.last_timings["encoder"] = self.last_timings.get("encoder", 0.0) + time.perf_counter() - t1
         return emb
 
     def _step(self, st: _RoiState, point: np.ndarray, label: int, source: int) -> None:
@@ -532,12 +536,14 @@ class InteractiveSession:
         return box
 
     def _compose(self, box: Box) -> None:
-        """Recompute the mask inside ``box`` from every ROI covering it (cross-faded logits)."""
+        """Recompute the mask inside ``box`` from every ROI covering it (cross-faded logits).
+
+        Arithmetic runs in torch on zero-copy views (multi-threaded); with one ROI covering the box
+        the cross-fade reduces to "inside the ROI and logit > 0".
+        """
         if box.empty:
             return
-        shape = box.shape_kji
-        num = np.zeros(shape, dtype=np.float32)
-        den = np.zeros(shape, dtype=np.float32)
+        parts = []
         for st in self._rois:
             if st.prev is None:
                 continue
@@ -546,12 +552,21 @@ class InteractiveSession:
                 continue
             values, weights = roi_logits_on_grid(st.prev, st.roi, self.image, sub, self.options.blend_margin)
             rel = tuple(slice(s.start - o, s.stop - o) for s, o in zip(sub.slices, (box.lo[2], box.lo[1], box.lo[0])))
-            num[rel] += weights * values
-            den[rel] += weights
-        mask = (den > 0) & (num > 0)
+            parts.append((rel, torch.from_numpy(values), torch.from_numpy(weights)))
+        mask = torch.zeros(box.shape_kji, dtype=torch.bool)
+        if len(parts) == 1:
+            rel, v, w = parts[0]
+            mask[rel] = (v > 0) & (w > 0)
+        elif parts:
+            num = torch.zeros(box.shape_kji)
+            den = torch.zeros(box.shape_kji)
+            for rel, v, w in parts:
+                num[rel] += w * v
+                den[rel] += w
+            mask = (den > 0) & (num > 0)
         if self.protected is not None:
-            mask &= ~self.protected[box.slices]
-        self._mask[box.slices] = mask
+            mask &= ~torch.from_numpy(self.protected[box.slices])
+        self._mask[box.slices] = mask.numpy()
 
     def _snapshot(self) -> _Snapshot:
         return _Snapshot(list(self._clicks), [st.copy() for st in self._rois], self.options)

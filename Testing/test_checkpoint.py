@@ -153,9 +153,18 @@ def test_numpy1_era_checkpoint_loads_safely(tmp_path, ref_sd, forbid_unsafe_load
 def test_importing_checkpoint_module_does_not_touch_deprecated_numpy_core():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-W", "error:numpy.core is deprecated:DeprecationWarning", "-c",
-         "import MAISSegmentLib.checkpoint"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-W",
+            "error:numpy.core is deprecated:DeprecationWarning",
+            "-c",
+            "import MAISSegmentLib.checkpoint",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -195,8 +204,9 @@ def test_ddp_module_prefix_is_stripped_with_a_note(tmp_path, ref_sd):
 # ------------------------------------------------------------------------------- 2. our own format
 def test_maissegment_round_trip(tmp_path):
     cfg = get_preset(TINY_PRESET).replace(
-        memory=MemoryConfig(capacity=17, variant="sparse", num_heads=8, dense_dim=16, mlp_dim=256,
-                            decoder_clicks="newest")
+        memory=MemoryConfig(
+            capacity=17, variant="sparse", num_heads=8, dense_dim=16, mlp_dim=256, decoder_clicks="newest"
+        )
     )
     torch.manual_seed(7)
     model = build_model(cfg)

@@ -22,6 +22,9 @@ KEYS = {
     "click_seconds_no_memory",
     "memory_overhead",
     "peak_rss_mb",
+    "first_click_seconds",
+    "click_to_mask_seconds",
+    "click_to_mask_breakdown",
 }
 
 
@@ -58,7 +61,9 @@ def test_bench_writes_table_and_json(tmp_path):
     assert res["device"] == "cpu" and res["threads"] == 2 and res["memory_size"] == 20
     assert res["encoder_speedup"] == res["encoder_reference_seconds"] / res["encoder_seconds"]
     assert res["memory_overhead"] == res["click_seconds_memory"] / res["click_seconds_no_memory"]
-    assert all(res[k] > 0 for k in ("encoder_seconds", "click_seconds_memory", "peak_rss_mb"))
+    assert all(res[k] > 0 for k in ("encoder_seconds", "click_seconds_memory", "peak_rss_mb", "click_to_mask_seconds"))
+    assert res["click_to_mask_breakdown"]["image_shape_ijk"] == [512, 512, 300]
+    assert "click -> mask" in proc.stdout
 
 
 def test_errors_are_one_line_without_traceback():

@@ -245,8 +245,13 @@ def test_ring_buffer_after_undo_uses_the_new_entry(model, embedding):
     assert [e.index for e in bank.entries] == [e.index for e in saved[0]]
     other = torch.tensor([[[5.0, 120.0, 9.0]]])
     with torch.no_grad():
-        model.step(embedding, torch.cat([pts[:, :3], other], 1), torch.cat([lab[:, :3], torch.ones(1, 1)], 1),
-                   torch.randn(1, 1, 32, 32, 32), bank=bank)
+        model.step(
+            embedding,
+            torch.cat([pts[:, :3], other], 1),
+            torch.cat([lab[:, :3], torch.ones(1, 1)], 1),
+            torch.randn(1, 1, 32, 32, 32),
+            bank=bank,
+        )
         incremental = model.memory_attention(embedding, model.dense_pe(), bank)
         fresh = model.memory_attention(embedding, model.dense_pe(), MemoryBank.from_dict(bank.to_dict()))
     assert torch.allclose(incremental, fresh, atol=1e-6)

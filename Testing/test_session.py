@@ -259,9 +259,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     [
         {"perm": (2, 0, 1)},
         {"flips": (True, False, True)},
+        {"flips": (True, True, False)},
         {"perm": (1, 2, 0), "flips": (False, True, False)},
     ],
-    ids=["permuted", "flipped", "permuted+flipped"],
+    ids=["permuted", "flipped", "LPS-ordered", "permuted+flipped"],
 )
 def test_same_physical_mask_for_permuted_and_flipped_storage(model, volume, variant):
     ref = new_session(model, volume)
