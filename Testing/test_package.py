@@ -1,0 +1,35 @@
+"""House rules of the package that a test can check."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+from conftest import TESTING
+
+LIB = TESTING.parent / "MAISSegmentLib"
+FORBIDDEN = {"slicer", "qt", "vtk", "ctk"}
+BRIDGE = "mrml_bridge.py"  # the one module allowed to touch MRML
+
+
+def test_library_never_imports_slicer_qt_or_vtk():
+    offenders = []
+    for path in LIB.rglob("*.py"):
+        if path.name == BRIDGE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(LIB)}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
+    assert not offenders, offenders
+
+
+def test_import_is_light():
+    """Importing the package loads neither SimpleITK nor any Slicer/VTK module (fast start-up in Slicer)."""
+    code = "import sys, MAISSegmentLib; print(sorted(m for m in sys.modules if m.split('.')[0] in {'SimpleITK', 'vtk', 'slicer'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TESTING.parent, check=True)
+    assert out.stdout.strip() == "[]"
