@@ -30,6 +30,9 @@ def test_library_never_imports_slicer_qt_or_vtk():
 
 def test_import_is_light():
     """Importing the package loads neither SimpleITK nor any Slicer/VTK module (fast start-up in Slicer)."""
-    code = "import sys, MAISSegmentLib; print(sorted(m for m in sys.modules if m.split('.')[0] in {'SimpleITK', 'vtk', 'slicer'}))"
+    code = (
+        "import sys, MAISSegmentLib; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'SimpleITK', 'vtk', 'slicer'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TESTING.parent, check=True)
     assert out.stdout.strip() == "[]"
