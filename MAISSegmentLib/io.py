@@ -36,6 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import ImageError
+from .sysinfo import check_fits_in_memory
 from .volume import Volume
 
 __all__ = [
@@ -304,6 +305,15 @@ def _read_image_file(path: Path) -> sitk.Image:
     if image_io == "NiftiImageIO":
         # ITK fills a NIfTI file that ends early with zeros without a word; catch it before the user segments it.
         _check_nifti_complete(path)
+    n_bytes = int(np.prod(size)) * reader.GetNumberOfComponents() * _bytes_per_pixel(reader.GetPixelID())
+    try:  # ITK's buffer and the NumPy copy exist together for a moment
+        check_fits_in_memory(
+            2 * n_bytes,
+            f"reading {path} ({'x'.join(map(str, size))} voxels)",
+            "crop or downsample the image first, or use a machine with more memory",
+        )
+    except MemoryError as exc:
+        raise ImageError(str(exc)) from None
     try:
         with _quiet_itk():
             return reader.Execute()
@@ -311,6 +321,15 @@ def _read_image_file(path: Path) -> sitk.Image:
         raise ImageError(
             f"cannot read the voxels of {path}: the file is damaged or truncated ({_itk_reason(exc)}); copy it again"
         ) from None
+
+
+def _bytes_per_pixel(pixel_id: int) -> int:
+    """Bytes of one voxel component of an ITK pixel type (8 when unknown: errs on the safe side)."""
+    name = sitk.GetPixelIDValueAsString(pixel_id)
+    for key, n in (("8-bit", 1), ("16-bit", 2), ("32-bit", 4), ("64-bit", 8)):
+        if key in name:
+            return n * (2 if "complex" in name else 1)
+    return 8
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:

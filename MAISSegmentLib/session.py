@@ -35,6 +35,7 @@ from .errors import ConfigError, ImageError, PromptError
 from .memory import MemoryBank
 from .model.mais import MAISModel
 from .roi import Box, Roi, positive_roi_range, roi_logits_on_grid, sample_roi
+from .sysinfo import check_fits_in_memory
 from .volume import Volume
 
 STATE_FORMAT = "maissegment-session"
@@ -200,10 +201,11 @@ class InteractiveSession:
         if arr.min() == arr.max():
             raise ImageError(f"the image is constant (every voxel is {arr.flat[0]}); there is nothing to segment")
         prot = self._check_protected(protected, volume)
-        try:
+        try:  # the mask, plus an undo patch and a compositing buffer of up to the same size
+            check_fits_in_memory(3 * n, f"segmenting a {'x'.join(map(str, arr.shape))} image", "crop it first")
             mask = np.zeros(arr.shape, dtype=np.uint8)
-        except MemoryError:
-            raise ImageError(f"not enough memory for a {arr.shape} mask; crop the image first") from None
+        except MemoryError as exc:
+            raise ImageError(str(exc) or f"not enough memory for a {arr.shape} mask; crop the image first") from None
         self.image, self.protected, self._mask = volume, prot, mask
         self._clicks, self._rois, self._embeddings = [], [], {}
         self._undo, self._redo = [], []

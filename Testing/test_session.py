@@ -374,3 +374,15 @@ def test_no_image_and_bad_options(model):
     with pytest.raises(ConfigError, match="no memory attention"):
         InteractiveSession(no_mem)
     InteractiveSession(no_mem, SessionOptions(use_memory=False))
+
+
+def test_image_larger_than_available_memory_is_refused(model, volume, monkeypatch):
+    import MAISSegmentLib.sysinfo as sysinfo
+
+    s = new_session(model, volume)
+    s.add_click(*CLICKS[0])
+    mask = s.mask.copy()
+    monkeypatch.setattr(sysinfo, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(ImageError, match="GiB of memory is available"):
+        s.set_image(make_volume())
+    assert np.array_equal(s.mask, mask)

@@ -610,3 +610,13 @@ def test_reads_a_real_case_from_the_shared_manifest():
     np.testing.assert_allclose(labels.ijk_to_ras, vol.ijk_to_ras, atol=1e-4)
     present_labels = {int(v) for v in np.unique(labels.array) if v > 0}
     assert present_labels == {int(k) for k in case["labels"]}
+
+
+def test_image_larger_than_available_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    import MAISSegmentLib.sysinfo as sysinfo
+
+    path = tmp_path / "big.nrrd"
+    write_volume(Volume(np.zeros((20, 30, 40), np.int16), np.eye(4)), path)
+    monkeypatch.setattr(sysinfo, "available_memory_bytes", lambda: 10_000)
+    with pytest.raises(ImageError, match="crop or downsample"):
+        read_volume(path)
