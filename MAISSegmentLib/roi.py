@@ -138,21 +138,43 @@ def normalise_roi(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / torch.clamp(std, min=1e-6)
 
 
-def sample_roi(volume: Volume, roi: Roi) -> torch.Tensor:
-    """Resample the image into the ROI and normalise it.
+def resample_to_ras_grid(
+    volume: Volume,
+    origin_ras: np.ndarray,
+    shape: tuple[int, int, int],
+    spacing: float,
+    mode: str = "bilinear",
+    array: np.ndarray | None = None,
+) -> torch.Tensor:
+    """Resample an image onto a RAS-aligned grid (zero outside the image).
+
+    Args:
+        volume: the image (its geometry; its voxels unless ``array`` is given).
+        origin_ras: RAS mm of grid voxel ``(0, 0, 0)``.
+        shape: grid size along (R, A, S).
+        spacing: grid spacing in mm.
+        mode: ``"bilinear"`` (trilinear, images) or ``"nearest"`` (label maps).
+        array: voxels to resample instead of ``volume.array`` (same KJI shape, e.g. a label map).
 
     Returns:
-        ``(1, 1, size, size, size)`` float32 in ROI order (R, A, S), z-normalised.
+        ``(1, 1, nR, nA, nS)`` float32 tensor in (R, A, S) order.
     """
-    size = roi.size
-    box = roi.box_on(volume)
+    data = volume.array if array is None else array
+    hi_ras = np.asarray(origin_ras, dtype=np.float64) + spacing * (np.asarray(shape) - 1)
+    corners = np.array(
+        [
+            [x, y, z]
+            for x in (origin_ras[0], hi_ras[0])
+            for y in (origin_ras[1], hi_ras[1])
+            for z in (origin_ras[2], hi_ras[2])
+        ]
+    )
+    box = box_around_ijk(volume.ras_to_ijk_points(corners), volume)
     if box.empty:
-        raise ValueError("the ROI does not overlap the image")
-    block = torch.from_numpy(np.ascontiguousarray(volume.array[box.slices], dtype=np.float32))[None, None]
-    # ROI voxel -> image voxel (relative to the box): ijk = M^-1 (center + s (a - size/2)) - lo
+        return torch.zeros(1, 1, *shape)
+    block = torch.from_numpy(np.ascontiguousarray(data[box.slices], dtype=np.float32))[None, None]
     inv = volume.ras_to_ijk
-    a = torch.arange(size, dtype=torch.float64)
-    axes = [roi.center[d] + roi.spacing * (a - size / 2) for d in range(3)]  # RAS coordinate along each ROI axis
+    axes = [origin_ras[d] + spacing * torch.arange(shape[d], dtype=torch.float64) for d in range(3)]
     rot = torch.from_numpy(inv[:3, :3])
     off = torch.from_numpy(inv[:3, 3]) - torch.tensor(box.lo, dtype=torch.float64)
     ijk = (
@@ -160,11 +182,20 @@ def sample_roi(volume: Volume, roi: Roi) -> torch.Tensor:
         + rot[:, 1].view(1, 1, 1, 3) * axes[1].view(1, -1, 1, 1)
         + rot[:, 2].view(1, 1, 1, 3) * axes[2].view(1, 1, -1, 1)
         + off
-    )  # (size, size, size, 3) continuous (i, j, k) inside the block
+    )  # (nR, nA, nS, 3) continuous (i, j, k) inside the block
     extent = torch.tensor(block.shape[2:][::-1], dtype=torch.float64)  # (I, J, K) of the block
     grid = torch.where(extent > 1, 2 * ijk / (extent - 1).clamp(min=1) - 1, torch.zeros_like(ijk))
-    out = F.grid_sample(block, grid.float()[None], mode="bilinear", padding_mode="zeros", align_corners=True)
-    return normalise_roi(out)
+    return F.grid_sample(block, grid.float()[None], mode=mode, padding_mode="zeros", align_corners=True)
+
+
+def sample_roi(volume: Volume, roi: Roi) -> torch.Tensor:
+    """Resample the image into the ROI and normalise it.
+
+    Returns:
+        ``(1, 1, size, size, size)`` float32 in ROI order (R, A, S), z-normalised.
+    """
+    origin = roi.roi_to_ras(np.zeros(3))
+    return normalise_roi(resample_to_ras_grid(volume, origin, (roi.size,) * 3, roi.spacing))
 
 
 def roi_logits_on_grid(
