@@ -1,0 +1,412 @@
+"""Training and few-shot fine-tuning of MAIS (``mais train`` / ``mais finetune``).
+
+Recipe (MAIS paper, App. A; ``docs/MAIS-SPEC.md``): image encoder frozen (fine-tuning) or trained
+(training from scratch); prompt encoder and mask decoder at lr 8e-5; memory attention from scratch at
+8e-4; AdamW (weight decay 0.1); MultiStepLR x0.1 at 64.5% and 90% of the steps (epochs 129 and 180 of
+200); Dice loss; 128^3 crops centred on a random foreground voxel.
+
+An *episode* is one target (one label value of one case) in one crop: click 1 is a random foreground
+voxel, each further click is drawn uniformly from the error region of the previous prediction
+(positive if it is a missed foreground voxel: the SAM-Med3D/MAIS protocol), the memory bank is filled
+along the episode, and the loss is the mean Dice loss over the episode's interactions. Back-propagation
+is truncated every ``tbptt`` interactions (the memory entries are detached there), so long episodes
+(memory capacity 60) fit in memory.
+
+Data parallel training with ``torchrun``: every rank builds the same model (same seed), takes its
+slice of each global batch, and gradients are averaged with ``all_reduce`` before each optimizer step,
+so all ranks stay identical and the result equals a single process on the same global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .checkpoint import build_model, load_checkpoint, save_checkpoint
+from .errors import ConfigError
+from .memory import MemoryBank
+from .model.mais import MAISModel
+from .roi import normalise_roi
+
+TRAIN_STATE_FILE = "last.pth"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in every checkpoint's provenance)."""
+
+    mode: str = "train"  # "train" (encoder trained too) or "finetune" (encoder frozen, the paper's recipe)
+    preset: str | None = "mais-small"  # network preset (ignored when init_checkpoint carries a config)
+    init_checkpoint: str | None = None  # SAM-Med3D or MAISSegment weights to start from
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 2  # global batch (episodes per optimizer step, over all ranks)
+    episode_clicks: int = 8  # interactions per episode
+    tbptt: int = 4  # interactions per back-propagation window
+    memory_size: int = 60  # memory bank capacity N
+    use_memory: bool = True  # False trains the no-memory model
+    lr_encoder: float = 8e-5  # image encoder (mode "train" only)
+    lr_prompt_decoder: float = 8e-5  # prompt encoder and mask decoder
+    lr_memory: float = 8e-4  # memory attention (from scratch)
+    weight_decay: float = 0.1
+    milestones: tuple[float, float] = (0.645, 0.9)  # fractions of steps where the lr drops x0.1
+    crop_size: int = 128  # must equal the model's img_size
+    amp: bool = True  # mixed precision (bf16) on CUDA
+    checkpoint_every: int = 200  # steps between checkpoints
+    seed: int = 0
+    model_id: str = "mais-custom"
+    version: str = "0.1.0"
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in provenance (data, command...)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("train", "finetune"):
+            raise ConfigError(f"mode must be 'train' or 'finetune', got {self.mode!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.episode_clicks < 1 or self.tbptt < 1:
+            raise ConfigError("steps, batch_size, episode_clicks and tbptt must be >= 1")
+        self.milestones = tuple(self.milestones)
+
+
+@dataclass
+class Sample:
+    """One training crop: normalised image ``(1, 1, S, S, S)`` and target mask ``(S, S, S)`` bool, (R, A, S) order."""
+
+    image: torch.Tensor
+    target: torch.Tensor
+    name: str = ""
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def crop_sample(image: np.ndarray, label: np.ndarray, value: int, rng: np.random.Generator, size: int = 128) -> Sample:
+    """A ``size``^3 crop of a preprocessed case centred on a random voxel of label ``value`` (zero-padded)."""
+    fg = np.argwhere(label == value)
+    if len(fg) == 0:
+        raise ValueError(f"label {value} is not present")
+    centre = fg[rng.integers(len(fg))]
+    lo = centre - size // 2
+    img = np.zeros((size,) * 3, np.float32)
+    tgt = np.zeros((size,) * 3, bool)
+    src = tuple(slice(max(0, lo[d]), min(image.shape[d], lo[d] + size)) for d in range(3))
+    dst = tuple(slice(s.start - lo[d], s.stop - lo[d]) for d, s in enumerate(src))
+    img[dst] = image[src]
+    tgt[dst] = label[src] == value
+    return Sample(normalise_roi(torch.from_numpy(img))[None, None], torch.from_numpy(tgt))
+
+
+def simulate_click(target: torch.Tensor, pred: torch.Tensor | None, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Next training click (ROI voxel index, label): uniform over the error region, or a foreground voxel first."""
+    if pred is None:
+        region, positive = target, None
+    else:
+        fn, fp = target & ~pred, pred & ~target
+        region = fn | fp
+        positive = fn
+        if not region.any():
+            region, positive = target, None
+    idx = region.nonzero()
+    point = idx[torch.randint(len(idx), (1,), generator=gen)][0]
+    label = 1 if positive is None else int(positive[tuple(point)])
+    return point.float(), label
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss of ``(1, 1, S, S, S)`` logits against a bool ``(S, S, S)`` target."""
+    p = torch.sigmoid(logits.float()).flatten()
+    t = target.float().flatten()
+    return 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+
+
+# ------------------------------------------------------------------------------------------ one episode
+def run_episode(
+    model: MAISModel, sample: Sample, cfg: TrainConfig, gen: torch.Generator, loss_scale: float = 1.0
+) -> dict[str, float]:
+    """Simulate one click episode, back-propagating ``loss_scale * mean Dice loss`` (gradients accumulate).
+
+    Returns the episode's mean loss and the Dice of its last prediction.
+    """
+    dev = model.device
+    image, target = sample.image.to(dev), sample.target.to(dev)
+    size = target.shape[-1]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and dev.type == "cuda") else _null()
+    with autocast:
+        train_encoder = cfg.mode == "train" and any(p.requires_grad for p in model.image_encoder.parameters())
+        with torch.set_grad_enabled(train_encoder):
+            embedding = model.encode_image(image)
+    pe = model.dense_pe()
+    bank = MemoryBank(cfg.memory_size, model.cfg.memory.variant) if (cfg.use_memory and model.has_memory) else None
+    points, labels = [], []
+    prev, pred = None, None
+    window_loss, total, last_dice = 0.0, 0.0, 0.0
+    n = cfg.episode_clicks
+    for t in range(n):
+        point, label = simulate_click(target, pred, gen)
+        points.append(point)
+        labels.append(float(label))
+        with autocast:
+            out = model.step(
+                embedding,
+                torch.stack(points)[None].to(dev),
+                torch.tensor([labels], device=dev),
+                prev,
+                bank=bank,
+                image_pe=pe,
+            )
+            hi = F.interpolate(out.low_res_logits, size=(size,) * 3, mode="trilinear", align_corners=False)
+            loss = dice_loss(hi, target)
+        window_loss = window_loss + loss
+        total += float(loss.detach())
+        pred = hi.detach()[0, 0] > 0
+        prev = out.low_res_logits
+        if (t + 1) % cfg.tbptt == 0 or t == n - 1:
+            (window_loss * loss_scale / n).backward(retain_graph=train_encoder and t < n - 1)
+            window_loss = 0.0
+            prev = prev.detach()
+            if bank is not None:  # truncate: memories of earlier windows become constants
+                for e in bank.entries:
+                    e.sparse = None if e.sparse is None else e.sparse.detach()
+                    e.dense = None if e.dense is None else e.dense.detach()
+                bank.clear_cache()
+    inter = (pred & target).sum().item()
+    last_dice = 2 * inter / max(1, pred.sum().item() + target.sum().item())
+    return {"loss": total / n, "dice": last_dice}
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ optimiser
+def param_groups(model: MAISModel, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups of the recipe; the encoder is frozen in fine-tuning."""
+    enc = list(model.image_encoder.parameters())
+    for p in enc:
+        p.requires_grad_(cfg.mode == "train")
+    groups = [
+        {
+            "params": list(model.prompt_encoder.parameters()) + list(model.mask_decoder.parameters()),
+            "lr": cfg.lr_prompt_decoder,
+            "name": "prompt+decoder",
+        }
+    ]
+    if model.has_memory and cfg.use_memory:
+        groups.append({"params": list(model.memory_attention.parameters()), "lr": cfg.lr_memory, "name": "memory"})
+    if cfg.mode == "train":
+        groups.append({"params": enc, "lr": cfg.lr_encoder, "name": "encoder"})
+    return groups
+
+
+# ------------------------------------------------------------------------------------------ distributed
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` (0, 1 outside torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA) when launched by torchrun."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def average_gradients(model: torch.nn.Module) -> None:
+    """All-reduce (mean) every gradient over the ranks.
+
+    A parameter no rank has a gradient for (unused by the loss, e.g. the IoU head) keeps ``grad=None``,
+    exactly as in a single process (AdamW then skips it, weight decay included); one that only some
+    ranks have a gradient for is zero-filled on the others so every rank reduces the same tensors.
+    """
+    _, world = dist_info()
+    if world == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    has = torch.tensor([float(p.grad is not None) for p in params])
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    for p, any_rank in zip(params, has.tolist()):
+        if not any_rank:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= world
+
+
+# ------------------------------------------------------------------------------------------ the loop
+SampleFn = Callable[[int], Sample]  # global sample index -> Sample (deterministic)
+
+
+def train(
+    cfg: TrainConfig,
+    sample_fn: SampleFn,
+    out_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    time_limit_s: float | None = None,
+    on_step: Callable[[int, MAISModel], None] | None = None,
+) -> MAISModel:
+    """Run (or resume) training; writes ``out_dir/last.pth`` every ``checkpoint_every`` steps,
+    ``out_dir/model.pth`` at the end (MAISSegment checkpoints) and ``out_dir/log.csv``.
+
+    Args:
+        cfg: the run's configuration.
+        sample_fn: global sample index -> :class:`Sample`; must be deterministic (resume, ranks).
+        out_dir: run folder.
+        device: torch device name.
+        resume: continue from ``out_dir/last.pth`` (model, optimizer, scheduler, step, RNG state).
+        stop_at_step: stop (with a checkpoint to resume from) once this step is reached.
+        time_limit_s: stop (with a checkpoint) after this many seconds; resume later with ``resume``.
+        on_step: called with (step, model) after the gradients are averaged, before the optimizer step.
+    """
+    out = Path(out_dir)
+    dev = torch.device(device)
+    init_distributed(dev)
+    rank, world = dist_info()
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    torch.manual_seed(cfg.seed)
+    start_ckpt = out / TRAIN_STATE_FILE if resume else None
+    if resume and not start_ckpt.exists():
+        raise ConfigError(f"--resume: no {TRAIN_STATE_FILE} in {out}")
+    model = (
+        build_model(
+            cfg.preset if not cfg.init_checkpoint else None,
+            checkpoint=start_ckpt or cfg.init_checkpoint,
+            device=dev,
+            trusted=False,
+        )
+        if (start_ckpt or cfg.init_checkpoint)
+        else build_model(cfg.preset, device=dev)
+    )
+    if model.cfg.image_encoder.img_size != cfg.crop_size:
+        raise ConfigError(
+            f"crop_size {cfg.crop_size} differs from the model's input size {model.cfg.image_encoder.img_size}"
+        )
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(m * cfg.steps) for m in cfg.milestones], gamma=0.1)
+    step = 0
+    if start_ckpt:
+        _, _, meta = load_checkpoint(start_ckpt)
+        opt.load_state_dict(meta["optimizer"])
+        sched.load_state_dict(meta["scheduler"])
+        step = int(meta["step"])
+        log(f"resumed at step {step} from {start_ckpt}")
+    per_rank = cfg.batch_size // world
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.csv"
+    t_start, seen = time.perf_counter(), 0
+    while step < cfg.steps:
+        if (stop_at_step is not None and step >= stop_at_step) or (
+            time_limit_s is not None and time.perf_counter() - t_start > time_limit_s
+        ):
+            if rank == 0:
+                _save_state(model, cfg, out / TRAIN_STATE_FILE, step, opt, sched)
+                log(f"stopped at step {step}/{cfg.steps}; continue with --resume")
+            return model.eval()
+        opt.zero_grad(set_to_none=True)
+        stats = []
+        for j in range(per_rank):
+            index = step * cfg.batch_size + rank * per_rank + j
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+            stats.append(run_episode(model, sample_fn(index), cfg, gen, loss_scale=1.0 / per_rank))
+        average_gradients(model)
+        if on_step is not None:
+            on_step(step, model)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        seen += per_rank * world
+        loss = float(np.mean([s["loss"] for s in stats]))
+        dice = float(np.mean([s["dice"] for s in stats]))
+        if rank == 0:
+            rate = seen / (time.perf_counter() - t_start)
+            _append_csv(
+                log_path,
+                {
+                    "step": step,
+                    "loss": loss,
+                    "last_click_dice": dice,
+                    "lr": sched.get_last_lr()[0],
+                    "episodes_per_s": rate,
+                    "time": time.time(),
+                },
+            )
+            if progress:
+                _progress(step, cfg.steps, loss, dice, rate)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save_state(model, cfg, out / TRAIN_STATE_FILE, step, opt, sched)
+    if rank == 0:
+        if progress:
+            sys.stderr.write("\n")
+        save_checkpoint(model, out / "model.pth", cfg.model_id, cfg.version, provenance=_provenance(cfg, step))
+        log(f"wrote {out / 'model.pth'}")
+    if world > 1:
+        dist.barrier()
+    return model.eval()
+
+
+def _provenance(cfg: TrainConfig, step: int) -> dict[str, Any]:
+    return {
+        "recipe": dataclasses.asdict(cfg),
+        "steps_done": step,
+        "torch": str(torch.__version__),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _save_state(model: MAISModel, cfg: TrainConfig, path: Path, step: int, opt, sched) -> None:
+    save_checkpoint(
+        model,
+        path,
+        cfg.model_id,
+        cfg.version,
+        provenance=_provenance(cfg, step),
+        extra={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+    )
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _progress(step: int, total: int, loss: float, dice: float, rate: float) -> None:
+    width = 30
+    done = int(width * step / total)
+    eta = (total - step) / max(rate, 1e-9)
+    sys.stderr.write(
+        f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} loss {loss:.3f} "
+        f"dice {dice:.3f} {rate:.2f} ep/s eta {eta / 60:.0f} min "
+    )
+    sys.stderr.flush()
+
+
+def config_json(cfg: TrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=1)
+
+
+__all__ = ["Sample", "TrainConfig", "crop_sample", "dice_loss", "run_episode", "simulate_click", "train"]
