@@ -155,6 +155,172 @@ def _write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="Dice vs clicks with the robot user (docs/EVALUATION.md); JSON + PNG")
+    p.add_argument("--manifest", required=True, help="manifest JSON (or a folder of image/label pairs)")
+    p.add_argument("--split", default=None, help="only cases of this split (e.g. test)")
+    p.add_argument("--methods", default="mais,no-memory,growcut", help="mais, no-memory, growcut, ckpt:FILE")
+    p.add_argument("--checkpoint", help="weights for the mais / no-memory methods")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow unsafe unpickling of the checkpoints")
+    p.add_argument("--clicks", default="1,5,10,20", help="click counts at which Dice is recorded")
+    p.add_argument("--strategy", default="center", choices=("center", "random"), help="robot user strategy")
+    p.add_argument("--seed", type=int, default=0, help="seed of the robot user (random strategy)")
+    p.add_argument("--max-targets", type=int, default=None, help="evaluate at most N targets (evenly spread)")
+    p.add_argument("--memory-size", type=int, default=60, help="memory bank capacity N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--out", required=True, help="result JSON; the plot is written next to it as .png")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoint import build_model
+    from .data import list_targets, load_cases
+    from .evaluate import GrowCutMethod, ModelMethod, evaluate, parse_clicks, plot_results, result_document
+
+    clicks = parse_clicks(args.clicks)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not names or len(set(names)) != len(names):
+        raise PromptError(f"--methods {args.methods!r}: give distinct methods, e.g. mais,no-memory,growcut")
+    base = None
+    methods: dict[str, object] = {}
+    for name in names:
+        if name in ("mais", "no-memory"):
+            if not args.checkpoint:
+                raise PromptError(f"method {name!r} needs --checkpoint FILE (the model to evaluate)")
+            base = base or build_model(
+                None, checkpoint=args.checkpoint, device=args.device, trusted=args.trust_checkpoint
+            )
+            methods[name] = ModelMethod(base, use_memory=name == "mais", memory_size=args.memory_size)
+        elif name == "growcut":
+            methods[name] = GrowCutMethod()
+        elif name.startswith("ckpt:"):
+            model = build_model(None, checkpoint=name[5:], device=args.device, trusted=args.trust_checkpoint)
+            methods[name] = ModelMethod(model, use_memory=True, memory_size=args.memory_size)
+        else:
+            raise PromptError(f"unknown method {name!r}; use mais, no-memory, growcut or ckpt:FILE")
+    cases = load_cases(args.manifest, split=args.split)
+    targets, skipped = list_targets(cases)
+    if args.max_targets and len(targets) > args.max_targets:
+        stride = len(targets) / args.max_targets
+        targets = [targets[int(i * stride)] for i in range(args.max_targets)]
+    methods_out = evaluate(targets, methods, clicks, args.strategy, args.seed)
+    command = "mais " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("mais", "__main__.py")) else " ".join(sys.argv)
+    doc = result_document(
+        command,
+        args.manifest,
+        args.split,
+        len({t.case.id for t in targets}),
+        len(targets),
+        len(skipped),
+        clicks,
+        args.seed,
+        methods_out,
+        args.strategy,
+    )
+    out = Path(args.out)
+    _write_text_atomic(out, json.dumps(doc, indent=1))
+    plot_results(doc, out.with_suffix(".png"))
+    width = max(len(n) for n in methods_out)
+    print(f"{'method':<{width}}  " + "  ".join(f"Dice@{k:<3}" for k in clicks) + "  s/click")
+    for name, res in methods_out.items():
+        print(
+            f"{name:<{width}}  "
+            + "  ".join(f"{res['dice_mean'][str(k)]:.3f}  " for k in clicks)
+            + f"  {res['seconds_per_click_median']:.3f}"
+        )
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
+    finetune = name == "finetune"
+    p = sub.add_parser(
+        name,
+        help=(
+            "few-shot fine-tuning (encoder frozen; the MAIS paper's recipe)"
+            if finetune
+            else "train a model (from scratch or from a SAM-Med3D/MAISSegment checkpoint)"
+        ),
+    )
+    p.add_argument("--manifest", required=True, help="manifest JSON (or a folder of image/label pairs)")
+    p.add_argument("--split", default="train", help="cases of this split (default train)")
+    p.add_argument("--structures", default=None, help="only targets whose name contains one of these (comma list)")
+    p.add_argument("--cases", type=int, default=None, help="use only the first N cases that have such targets")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, model.pth)")
+    if finetune:
+        p.add_argument("--checkpoint", required=True, help="the model to fine-tune")
+    else:
+        p.add_argument("--preset", default="mais-small", choices=sorted(PRESETS), help="network size")
+        p.add_argument("--checkpoint", default=None, help="start from these weights (SAM-Med3D or MAISSegment)")
+    p.add_argument("--steps", type=int, default=400 if finetune else 2000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=2, help="global batch (episodes per step)")
+    p.add_argument("--episode-clicks", type=int, default=8, help="interactions per episode")
+    p.add_argument("--tbptt", type=int, default=4, help="interactions per back-propagation window")
+    p.add_argument("--memory-size", type=int, default=60, help="memory bank capacity N")
+    p.add_argument("--no-memory", action="store_true", help="train without the memory (baseline)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes (resume later)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--cache-dir", default=None, help="preprocessing cache (default $MAIS_CACHE_DIR or ~/.cache)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-id", default="mais-finetuned" if finetune else "mais-custom")
+    p.add_argument("--version", default="0.1.0")
+    p.set_defaults(func=_cmd_train, mode=name)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .data import PreprocessCache, list_targets, load_cases
+    from .devices import resolve_device
+    from .train import TargetSampler, TrainConfig, train
+
+    cases = load_cases(args.manifest, split=args.split)
+    targets, _ = list_targets(cases)
+    if args.structures:
+        keys = [k.strip().lower() for k in args.structures.split(",") if k.strip()]
+        targets = [t for t in targets if any(k in t.name.lower() for k in keys)]
+    if args.cases:
+        keep = list(dict.fromkeys(t.case.id for t in targets))[: args.cases]
+        targets = [t for t in targets if t.case.id in keep]
+    n_cases = len({t.case.id for t in targets})
+    print(f"{len(targets)} targets in {n_cases} cases", file=sys.stderr)
+    cfg = TrainConfig(
+        mode="finetune" if args.mode == "finetune" else "train",
+        preset=None if args.mode == "finetune" else args.preset,
+        init_checkpoint=args.checkpoint,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        episode_clicks=args.episode_clicks,
+        tbptt=args.tbptt,
+        memory_size=args.memory_size,
+        use_memory=not args.no_memory,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        model_id=args.model_id,
+        version=args.version,
+        extra={
+            "manifest": str(args.manifest),
+            "split": args.split,
+            "structures": args.structures,
+            "cases": sorted({t.case.id for t in targets}),
+            "command": "mais " + " ".join(sys.argv[1:]),
+        },
+    )
+    sampler = TargetSampler(targets, PreprocessCache(args.cache_dir), seed=args.seed)
+    train(
+        cfg,
+        sampler,
+        args.out,
+        device=resolve_device(args.device),
+        resume=args.resume,
+        log=lambda s: print(s, file=sys.stderr),
+        time_limit_s=None if args.time_limit is None else 60 * args.time_limit,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mais", description="MAISSegment: interactive 3-D segmentation with memory")
     parser.add_argument("--version", action="version", version=f"MAISSegment {__version__}")
@@ -162,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
     _add_segment(sub)
+    _add_evaluate(sub)
+    _add_train(sub, "train")
+    _add_train(sub, "finetune")
     return parser
 
 

@@ -410,3 +410,32 @@ def config_json(cfg: TrainConfig) -> str:
 
 
 __all__ = ["Sample", "TrainConfig", "crop_sample", "dice_loss", "run_episode", "simulate_click", "train"]
+
+
+class TargetSampler:
+    """Deterministic training samples from targets: index -> (target, crop centred on one of its voxels).
+
+    Preprocessed cases come from a :class:`MAISSegmentLib.data.PreprocessCache` and the last
+    ``keep`` of them stay in memory.
+    """
+
+    def __init__(self, targets: list, cache, seed: int = 0, crop_size: int = 128, keep: int = 16) -> None:
+        if not targets:
+            raise ConfigError("no training targets: check the manifest, split and --structures filter")
+        self.targets, self.cache, self.seed, self.crop_size, self.keep = targets, cache, seed, crop_size, keep
+        self._mem: dict[str, Any] = {}
+
+    def _case(self, case) -> Any:
+        pre = self._mem.pop(case.id, None) or self.cache.get(case)
+        self._mem[case.id] = pre
+        while len(self._mem) > self.keep:
+            self._mem.pop(next(iter(self._mem)))
+        return pre
+
+    def __call__(self, index: int) -> Sample:
+        rng = np.random.default_rng([self.seed, index])
+        target = self.targets[int(rng.integers(len(self.targets)))]
+        pre = self._case(target.case)
+        sample = crop_sample(pre.image, pre.label, target.label, rng, self.crop_size)
+        sample.name = f"{target.case.id}:{target.name}"
+        return sample
