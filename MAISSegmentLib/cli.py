@@ -245,7 +245,7 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
         ),
     )
     p.add_argument("--manifest", required=True, help="manifest JSON (or a folder of image/label pairs)")
-    p.add_argument("--split", default="train", help="cases of this split (default train)")
+    p.add_argument("--split", default=None, help="cases of this split (default: train, if the cases have splits)")
     p.add_argument("--structures", default=None, help="only targets whose name contains one of these (comma list)")
     p.add_argument("--cases", type=int, default=None, help="use only the first N cases that have such targets")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, model.pth)")
@@ -277,6 +277,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TargetSampler, TrainConfig, train
 
     cases = load_cases(args.manifest, split=args.split)
+    if args.split is None and any(c.split for c in cases):
+        cases = [c for c in cases if c.split == "train"]
     targets, _ = list_targets(cases)
     if args.structures:
         keys = [k.strip().lower() for k in args.structures.split(",") if k.strip()]

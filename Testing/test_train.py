@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from helpers.synthetic_training import first_gradients, sphere_sample, tiny_config
 
@@ -26,6 +27,19 @@ def test_finetune_freezes_encoder_and_trains_prompt_decoder_memory():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.memory_attention.parameters())
     train_cfg = tiny_config(mode="train")
     assert "encoder" in {g["name"] for g in param_groups(build_model("sam-med3d-tiny"), train_cfg)}
+
+
+@pytest.mark.parametrize("mode", ["train", "finetune"])
+def test_long_backprop_window_through_the_memory(mode):
+    """A window spanning several memory-conditioned clicks (needs the functional memory path)."""
+    cfg = tiny_config(mode=mode, episode_clicks=5, tbptt=5)
+    model = build_model("sam-med3d-tiny").train()
+    param_groups(model, cfg)
+    run_episode(model, sphere_sample(1), cfg, torch.Generator().manual_seed(1))
+    mem_grads = [p.grad for p in model.memory_attention.parameters()]
+    assert all(g is not None for g in mem_grads) and sum(g.abs().sum() for g in mem_grads) > 0
+    enc_has_grad = any(p.grad is not None for p in model.image_encoder.parameters())
+    assert enc_has_grad == (mode == "train")
 
 
 def test_simulated_clicks_follow_the_error_region():

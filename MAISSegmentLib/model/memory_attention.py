@@ -136,6 +136,13 @@ class MemoryAttention(nn.Module):
         Keys/values live in ring buffers ``(N, d, G^3)`` on the bank, entry ``i`` in slot ``i mod N``:
         a click writes only its own slot (softmax over the memory axis does not depend on order).
         """
+        q = projs[-1]["dense_q"]  # (d, V)
+        if torch.is_grad_enabled():
+            # training: the ring buffer is updated in place, which autograd cannot allow while an earlier
+            # click's graph still reads it; stack functionally instead (same numbers)
+            k = torch.stack([p["dense_k"] for p in projs])
+            v = torch.stack([p["dense_v"] for p in projs])
+            return self._dense_readout(q, k, v)
         key, n = self._cache_key(), len(bank)
         ring = bank.cache.get("dense_ring")
         if ring is None or ring["key"] != key:
@@ -153,7 +160,10 @@ class MemoryAttention(nn.Module):
                 ring["k"][slot], ring["v"][slot] = proj["dense_k"], proj["dense_v"]
                 ring["held"][slot] = entry.uid
         k, v = ring["k"][:n], ring["v"][:n]  # after eviction n == capacity: every slot is a live entry
-        q = projs[-1]["dense_q"]  # (d, V)
+        return self._dense_readout(q, k, v)
+
+    def _dense_readout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax over the memory axis per voxel: ``q (d, V)``, ``k``/``v`` ``(n, d, V)`` -> ``(V, C)``."""
         # broadcast multiply-sum: on CPU several times faster than einsum/bmm at these shapes
         weights = torch.softmax((q.unsqueeze(0) * k).sum(1) * self.dense_dim**-0.5, dim=0)  # (n, V)
         out = (weights.unsqueeze(1) * v).sum(0)  # (d, V)
