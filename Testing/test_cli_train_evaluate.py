@@ -1,0 +1,153 @@
+"""``mais train`` / ``mais finetune`` / ``mais evaluate`` end to end on a small synthetic manifest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+from MAISSegmentLib import build_model
+from MAISSegmentLib.io import write_volume
+from MAISSegmentLib.volume import Volume
+from test_cli import mais
+from test_session import affine, rotation
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """Three cases (two train, one test): a bright sphere (label 1) and a darker box (label 2) in noise."""
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    cases = []
+    for n, split in enumerate(["train", "train", "test"]):
+        m = affine((1.5, 1.7, 2.0), (-50.0, -55.0, -40.0), rotation((0, 0, 1), 10 * n))
+        k, j, i = np.indices((40, 60, 64))
+        ras = np.stack([i, j, k, np.ones_like(i)], -1) @ m.T
+        sphere = np.linalg.norm(ras[..., :3] - [5.0 * n, 0, 0], axis=-1) < 14
+        box = (np.abs(ras[..., 0] + 25) < 8) & (np.abs(ras[..., 1] - 20) < 8) & (np.abs(ras[..., 2]) < 10)
+        label = np.where(sphere, 1, np.where(box, 2, 0)).astype(np.uint8)
+        image = (100 + 300 * sphere + 150 * box + rng.normal(0, 20, sphere.shape)).astype(np.int16)
+        write_volume(Volume(image, m), d / f"c{n}_img.nii.gz")
+        write_volume(Volume(label, m), d / f"c{n}_lab.nii.gz")
+        cases.append(
+            {
+                "id": f"synth__c{n}",
+                "source": "synth",
+                "patient": f"p{n}",
+                "modality": "CT",
+                "body_region": "phantom",
+                "split": split,
+                "image": f"c{n}_img.nii.gz",
+                "label": f"c{n}_lab.nii.gz",
+                "labels": {"1": "Sphere", "2": "Box"},
+                "license": "CC0",
+            }
+        )
+    (d / "manifest.json").write_text(json.dumps({"version": 1, "description": "synthetic", "cases": cases}))
+    return d / "manifest.json"
+
+
+def test_finetune_then_evaluate_all_methods(manifest, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAIS_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    proc = mais(
+        "finetune",
+        "--manifest",
+        str(manifest),
+        "--checkpoint",
+        str(TINY / "ref_tiny.pth"),
+        "--structures",
+        "sphere",
+        "--cases",
+        "1",
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--episode-clicks",
+        "3",
+        "--tbptt",
+        "3",
+        "--memory-size",
+        "4",
+        "--out",
+        str(run),
+        "--device",
+        "cpu",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 targets" not in proc.stderr and "1 targets in 1 cases" in proc.stderr
+    model = build_model(None, checkpoint=run / "model.pth")
+    prov = model.load_report.provenance
+    assert prov["recipe"]["mode"] == "finetune" and prov["recipe"]["extra"]["cases"] == ["synth__c0"]
+    assert model.load_report.memory_attention == "loaded"
+    assert (run / "log.csv").read_text().count("\n") == 3
+    out = tmp_path / "eval" / "results.json"
+    proc = mais(
+        "evaluate",
+        "--manifest",
+        str(manifest),
+        "--split",
+        "test",
+        "--checkpoint",
+        str(run / "model.pth"),
+        "--methods",
+        f"mais,no-memory,growcut,ckpt:{TINY / 'ref_tiny.pth'}",
+        "--clicks",
+        "1,3",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["version"] == 1 and doc["clicks"] == [1, 3] and doc["seed"] == 0
+    assert doc["data"] == {"manifest": str(manifest), "split": "test", "n_cases": 1, "n_targets": 2, "n_skipped": 0}
+    assert list(doc["methods"]) == ["mais", "no-memory", "growcut", f"ckpt:{TINY / 'ref_tiny.pth'}"]
+    for res in doc["methods"].values():
+        assert set(res) >= {"model", "dice_mean", "dice_median", "seconds_per_click_median", "targets"}
+        assert set(res["dice_mean"]) == {"1", "3"} and all(0 <= v <= 1 for v in res["dice_mean"].values())
+        assert [t["name"] for t in res["targets"]] == ["Sphere", "Box"]
+    assert doc["methods"]["mais"]["model"]["memory"] and not doc["methods"]["no-memory"]["model"]["memory"]
+    assert doc["methods"]["mais"]["model"]["sha256"] == model.load_report.sha256
+    assert doc["methods"]["growcut"]["dice_mean"]["3"] > 0.5  # Grow from seeds finds the sphere and the box
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_resume_and_bad_arguments(manifest, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAIS_CACHE_DIR", str(tmp_path / "cache"))
+    args = [
+        "train",
+        "--manifest",
+        str(manifest),
+        "--preset",
+        "sam-med3d-tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--episode-clicks",
+        "2",
+        "--tbptt",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--out",
+        str(tmp_path / "r"),
+        "--device",
+        "cpu",
+    ]
+    proc = mais(*args, "--time-limit", "0")
+    assert proc.returncode == 0 and "continue with --resume" in proc.stderr
+    proc = mais(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed at step 0" in proc.stderr and (tmp_path / "r" / "model.pth").exists()
+    bad = mais("evaluate", "--manifest", str(manifest), "--methods", "mais", "--out", str(tmp_path / "x.json"))
+    assert bad.returncode == 2 and "needs --checkpoint" in bad.stderr
+    bad = mais("evaluate", "--manifest", str(manifest), "--methods", "magic", "--out", str(tmp_path / "x.json"))
+    assert bad.returncode == 2 and "unknown method" in bad.stderr
+    bad = mais("train", "--manifest", str(tmp_path / "none.json"), "--out", str(tmp_path / "y"))
+    assert bad.returncode == 2 and "mais: error:" in bad.stderr and "Traceback" not in bad.stderr
