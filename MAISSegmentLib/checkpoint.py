@@ -24,7 +24,6 @@ import importlib
 import os
 import pathlib
 import pickle
-import secrets
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 
 from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, UntrustedCheckpointError
+from .fileutil import atomic_write
 from .model.config import (
     ImageEncoderConfig,
     MaskDecoderConfig,
@@ -432,15 +432,5 @@ def save_checkpoint(
         "sha256": digest,
         **(extra or {}),
     }
-    dest = pathlib.Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its 0600 mode would stay on the final file. A unique name beside the
-    # destination (same file system, so the rename is atomic), created with the usual umask.
-    tmp = str(dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return digest

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, MAISError
+from .fileutil import atomic_write
 from .io import read_volume
 from .roi import resample_to_ras_grid
 from .volume import Volume
@@ -643,8 +643,8 @@ class PreprocessCache:
                 f"cannot create the cache folder {self.cache_dir}: {exc.strerror or exc}; "
                 f"set {CACHE_DIR_ENV} to a writable folder"
             ) from None
-        tmp = entry.parent / f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
+
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the name
                 np.savez_compressed(
                     f,
@@ -656,14 +656,11 @@ class PreprocessCache:
                     case_id=np.str_(item.case_id),
                     version=np.int64(CACHE_VERSION),
                 )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, entry)
+
+        try:
+            atomic_write(entry, write)
         except OSError as exc:
             raise DataError(f"cannot write the cache entry {entry}: {exc.strerror or exc}") from None
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
 
     def _remove_stale(self, case: Case, keep: Path) -> None:
         for path in self.cache_dir.glob(f"{self._prefix(case)}*.npz"):  # the prefix holds no glob characters

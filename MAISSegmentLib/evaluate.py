@@ -26,6 +26,7 @@ import numpy as np
 
 from .clicks import RobotClick, RobotUser
 from .errors import ConfigError
+from .fileutil import atomic_write
 from .model.mais import MAISModel
 from .roi import Roi
 from .session import InteractiveSession, SessionOptions
@@ -228,7 +229,5 @@ def plot_results(doc: dict[str, Any], path: str | Path) -> None:
     ax.set_title(f"{d.get('split') or 'all'}: {d['n_targets']} targets, {doc.get('strategy', 'center')} clicks")
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
     plt.close(fig)
-    tmp.replace(path)

@@ -25,7 +25,6 @@ import gzip
 import os
 import re
 import struct
-import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import ImageError
+from .fileutil import atomic_write
 from .sysinfo import check_fits_in_memory
 from .volume import Volume
 
@@ -484,17 +484,10 @@ def _atomic_write(path: Path, extension: str, write: Callable[[Path], None]) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ImageError(f"cannot create the folder {path.parent}: {exc.strerror or exc}") from None
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{extension}"
     try:
-        write(tmp)
-        with open(tmp, "r+b") as f:  # writable handle: Windows cannot fsync a read-only one
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-        os.replace(tmp, path)
+        atomic_write(path, write, suffix=extension)
     except OSError as exc:
         raise ImageError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 def _write_extension(path: Path, allowed: Sequence[str], what: str) -> str:
