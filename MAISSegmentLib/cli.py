@@ -7,7 +7,6 @@ shows the traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from . import __version__
 from .errors import MAISError, PromptError
+from .fileutil import atomic_write_text
 from .model.config import PRESETS
 
 
@@ -76,7 +76,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include", metavar="FILE.mrk.json", help="Slicer point list of include (+) clicks")
     p.add_argument("--exclude", metavar="FILE.mrk.json", help="Slicer point list of exclude (-) clicks")
     p.add_argument("--point", action="append", default=[], metavar="R,A,S,+|-", help="a click in RAS mm (repeatable)")
-    p.add_argument("--checkpoint", help="model weights: a MAISSegment or SAM-Med3D checkpoint")
+    _add_model_choice(p, "model weights: a MAISSegment or SAM-Med3D checkpoint")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unsafe unpickling of this checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--out", required=True, help="output .seg.nrrd (or .nii.gz / .nrrd label map)")
@@ -108,10 +108,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     clicks += [_parse_point(t) for t in args.point]
     if not clicks and not args.resume:
         raise PromptError("no clicks: give --include/--exclude point lists or --point R,A,S,+")
-    if not args.checkpoint:
-        raise PromptError("no model: pass --checkpoint FILE (a MAISSegment or SAM-Med3D checkpoint)")
+    checkpoint = _model_checkpoint(args, "no model: mais segment")
     volume = read_volume(args.image)
-    model = build_model(None, checkpoint=args.checkpoint, device=args.device, trusted=args.trust_checkpoint)
+    model = build_model(None, checkpoint=checkpoint, device=args.device, trusted=args.trust_checkpoint)
     print(f"model: {model.load_report.summary()}", file=sys.stderr)
     if args.resume:
         try:
@@ -140,19 +139,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     else:
         write_labelmap(mask_volume, out)
     if args.state:
-        _write_text_atomic(Path(args.state), json.dumps(session.state(), indent=1))
+        atomic_write_text(Path(args.state), json.dumps(session.state(), indent=1))
     print(f"wrote {out}" + (f" and {args.state}" if args.state else ""))
     return 0
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -160,7 +149,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, help="manifest JSON (or a folder of image/label pairs)")
     p.add_argument("--split", default=None, help="only cases of this split (e.g. test)")
     p.add_argument("--methods", default="mais,no-memory,growcut", help="mais, no-memory, growcut, ckpt:FILE")
-    p.add_argument("--checkpoint", help="weights for the mais / no-memory methods")
+    _add_model_choice(p, "weights for the mais / no-memory methods")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unsafe unpickling of the checkpoints")
     p.add_argument("--clicks", default="1,5,10,20", help="click counts at which Dice is recorded")
     p.add_argument("--strategy", default="center", choices=("center", "random"), help="robot user strategy")
@@ -187,11 +176,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     methods: dict[str, object] = {}
     for name in names:
         if name in ("mais", "no-memory"):
-            if not args.checkpoint:
-                raise PromptError(f"method {name!r} needs --checkpoint FILE (the model to evaluate)")
-            base = base or build_model(
-                None, checkpoint=args.checkpoint, device=args.device, trusted=args.trust_checkpoint
-            )
+            if base is None:
+                checkpoint = _model_checkpoint(args, f"method {name!r}")
+                base = build_model(None, checkpoint=checkpoint, device=args.device, trusted=args.trust_checkpoint)
             methods[name] = ModelMethod(base, use_memory=name == "mais", memory_size=args.memory_size)
         elif name == "growcut":
             methods[name] = GrowCutMethod()
@@ -220,7 +207,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.strategy,
     )
     out = Path(args.out)
-    _write_text_atomic(out, json.dumps(doc, indent=1))
+    atomic_write_text(out, json.dumps(doc, indent=1))
     plot_results(doc, out.with_suffix(".png"))
     width = max(len(n) for n in methods_out)
     print(f"{'method':<{width}}  " + "  ".join(f"Dice@{k:<3}" for k in clicks) + "  s/click")
@@ -250,7 +237,7 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--cases", type=int, default=None, help="use only the first N cases that have such targets")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, model.pth)")
     if finetune:
-        p.add_argument("--checkpoint", required=True, help="the model to fine-tune")
+        _add_model_choice(p, "the model to fine-tune (a MAISSegment or SAM-Med3D checkpoint)")
     else:
         p.add_argument("--preset", default="mais-small", choices=sorted(PRESETS), help="network size")
         p.add_argument("--checkpoint", default=None, help="start from these weights (SAM-Med3D or MAISSegment)")
@@ -260,6 +247,14 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--tbptt", type=int, default=4, help="interactions per back-propagation window")
     p.add_argument("--memory-size", type=int, default=60, help="memory bank capacity N")
     p.add_argument("--no-memory", action="store_true", help="train without the memory (baseline)")
+    p.add_argument(
+        "--loss-size",
+        type=int,
+        default=128,
+        choices=(32, 64, 128),
+        help="Dice loss resolution (128: reference; 32: low-res logits, cheaper on CPU)",
+    )
+    p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU (AVX512-BF16/AMX CPUs)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -276,6 +271,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .train import TargetSampler, TrainConfig, train
 
+    init_checkpoint = _model_checkpoint(args, "mais finetune") if args.mode == "finetune" else args.checkpoint
     cases = load_cases(args.manifest, split=args.split)
     if args.split is None and any(c.split for c in cases):
         cases = [c for c in cases if c.split == "train"]
@@ -291,7 +287,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         mode="finetune" if args.mode == "finetune" else "train",
         preset=None if args.mode == "finetune" else args.preset,
-        init_checkpoint=args.checkpoint,
+        init_checkpoint=init_checkpoint,
         steps=args.steps,
         batch_size=args.batch_size,
         episode_clicks=args.episode_clicks,
@@ -299,6 +295,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         memory_size=args.memory_size,
         use_memory=not args.no_memory,
         checkpoint_every=args.checkpoint_every,
+        loss_size=args.loss_size,
+        cpu_bf16=args.cpu_bf16,
         seed=args.seed,
         model_id=args.model_id,
         version=args.version,
@@ -323,6 +321,127 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_choice(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
+    """``--checkpoint FILE`` or ``--model ID`` (a registered/imported model); neither: the registry default."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--checkpoint", help=checkpoint_help)
+    group.add_argument(
+        "--model", metavar="ID", help="a registered or imported model (see `mais weights list`) instead of --checkpoint"
+    )
+
+
+def _model_checkpoint(args: argparse.Namespace, what: str) -> str:
+    """The weight file of ``--checkpoint``, ``--model`` or, with neither, the registry's default model."""
+    from . import weights
+
+    if args.checkpoint:
+        return args.checkpoint
+    model_id = args.model or weights.default_model_id()
+    if model_id is None:
+        raise PromptError(
+            f"{what} needs --checkpoint FILE or --model ID (no default model is registered yet; "
+            "see `mais weights list`)"
+        )
+    return str(weights.resolve(model_id))
+
+
+def _add_weights(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "weights",
+        help="model weights: list, download, import a local file, print the path",
+        description="Weights are cached in $MAIS_WEIGHTS_DIR (default ~/.cache/maissegment/weights); "
+        "the registry is Resources/models.json.",
+    )
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    q = wsub.add_parser("list", help="registered and imported models and whether they are here")
+    q.set_defaults(func=_cmd_weights_list)
+    q = wsub.add_parser("download", help="download a registered model into the cache (checked by SHA-256)")
+    q.add_argument("id", help="model id (see `mais weights list`)")
+    q.add_argument("--force", action="store_true", help="download again even if a verified copy is there")
+    q.add_argument("--timeout", type=float, default=30.0, help="seconds without network activity before giving up")
+    q.set_defaults(func=_cmd_weights_download)
+    q = wsub.add_parser("import", help="copy a local weight file into the cache and register it (offline sites)")
+    q.add_argument("file", help="a MAISSegment or SAM-Med3D checkpoint (.pth)")
+    q.add_argument(
+        "--id", default=None, help="model id (default: the registered model of that file name, else the name)"
+    )
+    q.add_argument("--replace", action="store_true", help="replace another file already imported under this id")
+    q.add_argument("--trust-checkpoint", action="store_true", help="allow unsafe unpickling of this file")
+    q.set_defaults(func=_cmd_weights_import)
+    q = wsub.add_parser("path", help="print the verified path of a model's weight file")
+    q.add_argument("id", help="model id")
+    q.set_defaults(func=_cmd_weights_path)
+
+
+def _cmd_weights_list(args: argparse.Namespace) -> int:
+    from . import weights
+
+    default = weights.default_model_id()
+    rows = [("id", "version", "format", "status", "licence")]
+    for e in weights.list_models():
+        rows.append(
+            (
+                e.id + (" (default)" if e.id == default else ""),
+                e.version or "-",
+                e.format or "-",
+                e.status,
+                e.license or "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    print(f"cache: {weights.cache_dir()}" + ("" if default else "; no default model registered yet"))
+    return 0
+
+
+def _cmd_weights_download(args: argparse.Namespace) -> int:
+    from . import weights
+
+    tty = sys.stderr.isatty()
+    last = [-1]
+
+    def progress(done: int, total: int | None) -> None:
+        mib = done / 2**20
+        if total:
+            pct = int(100 * done / total)
+            step = pct if tty else pct // 10 * 10
+            if step != last[0]:
+                last[0] = step
+                end = "\r" if tty and done < total else "\n"
+                print(f"{args.id}: {pct:3d}% ({mib:.1f} of {total / 2**20:.1f} MiB)", end=end, file=sys.stderr)
+        elif int(mib) // 16 != last[0]:
+            last[0] = int(mib) // 16
+            print(f"{args.id}: {mib:.1f} MiB", end="\r" if tty else "\n", file=sys.stderr)
+
+    path = weights.download(args.id, progress=progress, timeout=args.timeout, force=args.force)
+    if tty:
+        print(file=sys.stderr)
+    entry = weights.get_model(args.id)
+    if not entry.sha256 and entry.local_sha256:
+        print(f"SHA-256 {entry.local_sha256} (not yet in the registry: record it in models.json)", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def _cmd_weights_import(args: argparse.Namespace) -> int:
+    from . import weights
+
+    entry = weights.import_weights(args.file, id=args.id, replace=args.replace, trusted=args.trust_checkpoint)
+    for note in entry.notes:
+        print(note, file=sys.stderr)
+    print(f"imported {entry.id} ({entry.format}, {entry.preset or 'custom layout'}, SHA-256 {entry.local_sha256})")
+    print(entry.path)
+    return 0
+
+
+def _cmd_weights_path(args: argparse.Namespace) -> int:
+    from . import weights
+
+    print(weights.resolve(args.id))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mais", description="MAISSegment: interactive 3-D segmentation with memory")
     parser.add_argument("--version", action="version", version=f"MAISSegment {__version__}")
@@ -333,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_train(sub, "train")
     _add_train(sub, "finetune")
+    _add_weights(sub)
     return parser
 
 

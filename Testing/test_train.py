@@ -29,10 +29,11 @@ def test_finetune_freezes_encoder_and_trains_prompt_decoder_memory():
     assert "encoder" in {g["name"] for g in param_groups(build_model("sam-med3d-tiny"), train_cfg)}
 
 
-@pytest.mark.parametrize("mode", ["train", "finetune"])
-def test_long_backprop_window_through_the_memory(mode):
-    """A window spanning several memory-conditioned clicks (needs the functional memory path)."""
-    cfg = tiny_config(mode=mode, episode_clicks=5, tbptt=5)
+@pytest.mark.parametrize(("mode", "loss_size", "cpu_bf16"), [("train", 128, False), ("finetune", 32, True)])
+def test_long_backprop_window_through_the_memory(mode, loss_size, cpu_bf16):
+    """A window spanning several memory-conditioned clicks (needs the functional memory path); also the
+    CPU recipe's options (low-resolution loss, bf16 autocast)."""
+    cfg = tiny_config(mode=mode, episode_clicks=5, tbptt=5, loss_size=loss_size, cpu_bf16=cpu_bf16)
     model = build_model("sam-med3d-tiny").train()
     param_groups(model, cfg)
     run_episode(model, sphere_sample(1), cfg, torch.Generator().manual_seed(1))

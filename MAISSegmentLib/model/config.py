@@ -155,9 +155,12 @@ def _tiny() -> ModelConfig:
 
 def _small() -> ModelConfig:
     # A smaller backbone for the built-in model trained on CPU: same token grid and prompt width as
-    # SAM-Med3D (so clicks, memory and decoder are unchanged), 4 blocks of width 384.
+    # SAM-Med3D (so clicks, memory and decoder are unchanged), 4 blocks of width 384, all with global
+    # attention over the 8^3 tokens: SAM-Med3D's 14^3 padded windows cost 5x more and, with one window
+    # covering the whole grid anyway, add nothing but the pad tokens (measured: 1.9 vs 2.4 s per
+    # training episode on 2 CPU cores).
     return ModelConfig(
-        image_encoder=ImageEncoderConfig(embed_dim=384, depth=4, num_heads=6, global_attn_indexes=(1, 3)),
+        image_encoder=ImageEncoderConfig(embed_dim=384, depth=4, num_heads=6, window_size=0, global_attn_indexes=()),
     )
 
 

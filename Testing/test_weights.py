@@ -1,0 +1,398 @@
+"""Model registry, cache, download (from a local HTTP server) and import of weight files; ``mais weights``."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+from MAISSegmentLib import weights
+from MAISSegmentLib.checkpoint import build_model, save_checkpoint
+from MAISSegmentLib.errors import CheckpointError, MAISError
+from MAISSegmentLib.weights import WeightsError
+from test_cli import mais
+
+REF_TINY = TINY / "ref_tiny.pth"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory) -> Path:
+    """A small real MAISSegment checkpoint (the tiny preset, random weights)."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_ours.pth"
+    save_checkpoint(build_model("sam-med3d-tiny"), path, "tiny-test", "0.0.1")
+    return path
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.server.body  # type: ignore[attr-defined]
+        if self.path == "/tiny.pth":
+            self._send(200, body, len(body))
+        elif self.path == "/short.pth":  # announces the whole file, sends half, closes
+            self._send(200, body[: len(body) // 2], len(body))
+        elif self.path == "/nolength.pth":  # no Content-Length: the end is the closed connection
+            self._send(200, body[: len(body) // 2], None)
+        elif self.path == "/page.pth":
+            self._send(200, b"<html>Please log in</html>", 26)
+        else:
+            self._send(404, b"not found", 9)
+
+    def _send(self, code: int, data: bytes, length: int | None) -> None:
+        self.send_response(code)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+        self.wfile.write(data)
+        self.close_connection = True
+
+    def log_message(self, *args):  # keep the test output quiet
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(ours):
+    """HTTP server on 127.0.0.1 (own thread) serving the tiny checkpoint; stopped after the module."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    httpd.body = ours.read_bytes()  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.body  # type: ignore[attr-defined]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def entry(mid: str, **kw) -> dict:
+    base = {
+        "id": mid,
+        "version": "0.0.1",
+        "file": f"{mid.replace('-', '_')}.pth",
+        "url": None,
+        "sha256": None,
+        "size_bytes": None,
+        "license": "test",
+        "format": "maissegment",
+        "preset": "sam-med3d-tiny",
+        "description": "test model",
+        "trained_on": "nothing",
+    }
+    return {**base, **kw}
+
+
+def write_registry(folder: Path, models: list[dict], default: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "models.json"
+    path.write_text(json.dumps({"version": 1, "default": default, "models": models}))
+    return path
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------------------------- registry
+def test_builtin_registry_lists_turbo_and_no_default(tmp_path):
+    default, models = weights.load_registry(weights.DEFAULT_REGISTRY)
+    assert default is None
+    turbo = next(m for m in models if m.id == "sam-med3d-turbo")
+    assert turbo.url == "https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth"
+    assert (turbo.file, turbo.format, turbo.preset) == ("sam_med3d_turbo.pth", "sam-med3d", "sam-med3d-vit-b")
+    assert turbo.sha256 is None and turbo.size_bytes is None and turbo.license.startswith("Apache-2.0")
+    assert turbo.trained_on == "SA-Med3D-140K (SAM-Med3D authors)" and turbo.description
+    assert weights._preset_backbone_keys("sam-med3d-vit-b") == 324  # the turbo checkpoint's tensor count
+    listed = weights.list_models(weights.DEFAULT_REGISTRY, tmp_path)
+    assert next(m for m in listed if m.id == "sam-med3d-turbo").status == "not downloaded"
+    with pytest.raises(WeightsError, match="mais weights download sam-med3d-turbo") as err:
+        weights.resolve("sam-med3d-turbo", weights.DEFAULT_REGISTRY, tmp_path)
+    assert "mais weights import FILE --id sam-med3d-turbo" in str(err.value)
+    assert isinstance(err.value, MAISError) and isinstance(err.value, ValueError)
+    with pytest.raises(WeightsError, match="unknown model 'nope'"):
+        weights.resolve("nope", weights.DEFAULT_REGISTRY, tmp_path)
+
+
+def test_locations_follow_environment(tmp_path, monkeypatch):
+    reg = write_registry(tmp_path / "r", [entry("a")], default="a")
+    monkeypatch.setenv("MAIS_MODELS_JSON", str(reg))
+    monkeypatch.setenv("MAIS_WEIGHTS_DIR", str(tmp_path / "cache"))
+    assert weights.registry_path() == reg and weights.cache_dir() == tmp_path / "cache"
+    assert weights.default_model_id() == "a"
+    monkeypatch.delenv("MAIS_WEIGHTS_DIR")
+    assert weights.cache_dir() == Path.home() / ".cache" / "maissegment" / "weights"
+
+
+@pytest.mark.parametrize(
+    ("models", "default", "message"),
+    [
+        ([entry("a", format="onnx")], None, "'format' must be one of"),
+        ([entry("a"), entry("a")], None, "appears twice"),
+        ([entry("a")], "b", "default 'b' is not one of"),
+        ([entry("a", sha256="abc")], None, "64 hex digits"),
+        ([entry("a", file="../x.pth")], None, "without '..'"),
+        ([entry("a", url="ftp://x/y")], None, "http(s) URL"),
+        ([{**entry("a"), "colour": "red"}], None, "unknown field"),
+    ],
+)
+def test_bad_registry_is_a_clear_error(tmp_path, models, default, message):
+    reg = write_registry(tmp_path, models, default)
+    with pytest.raises(WeightsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        weights.list_models(reg, tmp_path / "cache")
+    reg.write_text("{not json")
+    with pytest.raises(WeightsError, match="cannot be read"):
+        weights.load_registry(reg)
+
+
+# ------------------------------------------------------------------------------------- download
+def test_download_with_progress_then_verified_copy_is_reused(server, tmp_path):
+    url, body = server
+    reg = write_registry(tmp_path / "r", [entry("tiny", url=f"{url}/tiny.pth", sha256=sha(body), size_bytes=len(body))])
+    cache = tmp_path / "cache"
+    calls: list[tuple[int, int | None]] = []
+    path = weights.download("tiny", progress=lambda d, t: calls.append((d, t)), registry=reg, cache=cache)
+    assert path == cache / "tiny.pth" and path.read_bytes() == body
+    assert calls[0] == (0, len(body)) and calls[-1] == (len(body), len(body)) and len(calls) >= 3
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert files_in(cache) == ["tiny.pth", "user_models.json"]  # no temporary file left
+    assert weights.resolve("tiny", reg, cache) == path
+    listed = weights.get_model("tiny", reg, cache)
+    assert listed.status == "cached" and listed.local_sha256 == sha(body) and listed.source == f"{url}/tiny.pth"
+    calls.clear()
+    assert weights.download("tiny", progress=lambda d, t: calls.append((d, t)), registry=reg, cache=cache) == path
+    assert calls == []  # verified copy already there: nothing downloaded
+
+
+def test_download_sha_mismatch_leaves_nothing(server, tmp_path):
+    url, _ = server
+    reg = write_registry(tmp_path / "r", [entry("tiny", url=f"{url}/tiny.pth", sha256="0" * 64)])
+    cache = tmp_path / "cache"
+    with pytest.raises(WeightsError, match="not the registered file"):
+        weights.download("tiny", registry=reg, cache=cache)
+    assert files_in(cache) == []
+    with pytest.raises(WeightsError, match="is not downloaded"):
+        weights.resolve("tiny", reg, cache)
+
+
+@pytest.mark.parametrize(
+    ("path", "size", "message"),
+    [
+        ("short.pth", None, "cut short"),  # fewer bytes than Content-Length
+        ("nolength.pth", "full", "bytes instead of"),  # no Content-Length; registry size says it is short
+        ("nolength.pth", None, "not a usable checkpoint"),  # no size, no SHA: it must at least load
+        ("page.pth", None, "not a usable checkpoint"),  # e.g. a login page
+        ("missing.pth", None, "HTTP 404"),
+    ],
+)
+def test_bad_downloads_are_errors_and_leave_nothing(server, tmp_path, path, size, message):
+    url, body = server
+    size_bytes = len(body) if size == "full" else None
+    reg = write_registry(tmp_path / "r", [entry("tiny", url=f"{url}/{path}", size_bytes=size_bytes)])
+    cache = tmp_path / "cache"
+    with pytest.raises(WeightsError, match=message):
+        weights.download("tiny", registry=reg, cache=cache, timeout=10)
+    assert files_in(cache) == []
+
+
+def test_download_without_known_sha_checks_the_layout_and_records_it(server, tmp_path):
+    url, body = server
+    reg = write_registry(tmp_path / "r", [entry("tiny", url=f"{url}/tiny.pth")])
+    cache = tmp_path / "cache"
+    path = weights.download("tiny", registry=reg, cache=cache)
+    assert weights.get_model("tiny", reg, cache).local_sha256 == sha(body)
+    path.write_bytes(body[:-1] + bytes([body[-1] ^ 1]))  # same size, one bit flipped
+    with pytest.raises(WeightsError, match="damaged or a different file"):
+        weights.resolve("tiny", reg, cache)
+    assert weights.download("tiny", registry=reg, cache=cache).read_bytes() == body  # damaged copy replaced
+    # registered as another layout: the downloaded file cannot be it
+    reg = write_registry(tmp_path / "r2", [entry("tiny", url=f"{url}/tiny.pth", preset="mais-small")])
+    with pytest.raises(WeightsError, match="has the mais-small layout"):
+        weights.download("tiny", registry=reg, cache=tmp_path / "cache2")
+    assert files_in(tmp_path / "cache2") == []
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reg = write_registry(tmp_path / "r", [entry("tiny", url=f"http://127.0.0.1:{port}/tiny.pth")])
+    cache = tmp_path / "cache"
+    with pytest.raises(WeightsError, match=f"cannot reach 127.0.0.1:{port}") as err:
+        weights.download("tiny", registry=reg, cache=cache, timeout=5)
+    assert "mais weights import FILE --id tiny" in str(err.value)
+    assert files_in(cache) == []
+    reg = write_registry(tmp_path / "r2", [entry("local")])
+    with pytest.raises(WeightsError, match="no download address"):
+        weights.download("local", registry=reg, cache=cache)
+
+
+# --------------------------------------------------------------------------------------- import
+def test_import_ours_and_sam_med3d_state_dict(ours, tmp_path):
+    reg = write_registry(tmp_path / "r", [])
+    cache = tmp_path / "cache"
+    e = weights.import_weights(ours, registry=reg, cache=cache)
+    assert e.id == "tiny-test" and e.format == "maissegment" and e.preset == "sam-med3d-tiny"
+    assert e.status == "imported" and e.path == cache / "imported" / "tiny-test.pth"
+    assert e.local_sha256 == sha(ours.read_bytes()) and e.source == str(ours.resolve()) and e.imported_at
+    assert weights.resolve("tiny-test", reg, cache) == e.path
+    assert build_model(None, checkpoint=e.path).load_report.model_id == "tiny-test"
+    r = weights.import_weights(REF_TINY, id="ref-tiny", registry=reg, cache=cache)
+    assert (r.format, r.preset, r.version) == ("sam-med3d", "sam-med3d-tiny", None)
+    assert weights.resolve("ref-tiny", reg, cache).read_bytes() == REF_TINY.read_bytes()
+    assert [m.id for m in weights.list_models(reg, cache)] == ["ref-tiny", "tiny-test"]
+    assert not [f for f in files_in(cache) if "/." in f or f.startswith(".")]
+
+
+def test_import_refuses_non_checkpoints_and_bad_ids(tmp_path):
+    reg = write_registry(tmp_path / "r", [])
+    cache = tmp_path / "cache"
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights\n")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        weights.import_weights(text, registry=reg, cache=cache)
+    with pytest.raises(WeightsError, match="does not exist"):
+        weights.import_weights(tmp_path / "missing.pth", registry=reg, cache=cache)
+    with pytest.raises(WeightsError, match="invalid model id"):
+        weights.import_weights(REF_TINY, id="../evil", registry=reg, cache=cache)
+    assert not cache.exists() or files_in(cache) == []
+
+
+def test_import_id_collisions(ours, tmp_path):
+    reg = write_registry(tmp_path / "r", [])
+    cache = tmp_path / "cache"
+    first = weights.import_weights(ours, id="x", registry=reg, cache=cache)
+    again = weights.import_weights(ours, id="x", registry=reg, cache=cache)  # the same file: fine
+    assert again.local_sha256 == first.local_sha256
+    with pytest.raises(WeightsError, match="already taken by another file"):
+        weights.import_weights(REF_TINY, id="x", registry=reg, cache=cache)
+    assert weights.resolve("x", reg, cache).read_bytes() == ours.read_bytes()  # untouched
+    replaced = weights.import_weights(REF_TINY, id="x", replace=True, registry=reg, cache=cache)
+    assert replaced.format == "sam-med3d" and replaced.local_sha256 == sha(REF_TINY.read_bytes())
+    assert weights.resolve("x", reg, cache).read_bytes() == REF_TINY.read_bytes()
+
+
+def test_import_as_turbo_needs_the_vit_b_layout(ours, tmp_path):
+    cache = tmp_path / "cache"
+    reg = weights.DEFAULT_REGISTRY
+    with pytest.raises(WeightsError, match=r"sam-med3d-vit-b layout \(324 tensors\)"):
+        weights.import_weights(REF_TINY, id="sam-med3d-turbo", registry=reg, cache=cache)
+    named = tmp_path / "sam_med3d_turbo.pth"  # the public file's name alone makes it the turbo model
+    shutil.copyfile(REF_TINY, named)
+    with pytest.raises(WeightsError, match="is not 'sam-med3d-turbo'"):
+        weights.import_weights(named, registry=reg, cache=cache)
+    with pytest.raises(WeightsError, match="it is a maissegment checkpoint"):
+        weights.import_weights(ours, id="sam-med3d-turbo", registry=reg, cache=cache)
+    assert not cache.exists() or files_in(cache) == []
+
+
+def test_import_under_a_registered_id_reports_its_sha(tmp_path):
+    reg = write_registry(tmp_path / "r", [entry("public-tiny", format="sam-med3d")])
+    cache = tmp_path / "cache"
+    e = weights.import_weights(REF_TINY, id="public-tiny", registry=reg, cache=cache)
+    digest = sha(REF_TINY.read_bytes())
+    assert e.builtin and e.status == "imported" and e.path == cache / "public_tiny.pth"
+    assert any(digest in n and "models.json" in n for n in e.notes)
+    assert weights.resolve("public-tiny", reg, cache) == e.path
+    shutil.copyfile(REF_TINY, tmp_path / "r" / "public_tiny.pth")  # now bundled: no imported copy can shadow it
+    with pytest.raises(WeightsError, match="is bundled"):
+        weights.import_weights(REF_TINY, id="public-tiny", registry=reg, cache=cache)
+    assert weights.get_model("public-tiny", reg, cache).status == "bundled"
+    assert weights.resolve("public-tiny", reg, cache) == tmp_path / "r" / "public_tiny.pth"
+    # once the registry records another hash, this file is refused
+    reg = write_registry(tmp_path / "r2", [entry("public-tiny", format="sam-med3d", sha256="1" * 64)])
+    with pytest.raises(WeightsError, match="differs from the registered"):
+        weights.import_weights(REF_TINY, id="public-tiny", registry=reg, cache=tmp_path / "cache2")
+
+
+def test_damaged_cached_file_is_detected(ours, tmp_path):
+    reg = write_registry(tmp_path / "r", [])
+    cache = tmp_path / "cache"
+    e = weights.import_weights(ours, id="mine", registry=reg, cache=cache)
+    data = bytearray(e.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    e.path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="damaged or a different file") as err:
+        weights.resolve("mine", reg, cache)
+    assert "--replace" in str(err.value)
+    assert weights.resolve("mine", reg, cache, verify=False) == e.path
+    e.path.write_bytes(bytes(data[:100]))  # truncated: caught by the size alone
+    assert weights.get_model("mine", reg, cache).status == "damaged"
+    with pytest.raises(WeightsError, match="wrong size"):
+        weights.resolve("mine", reg, cache)
+    e.path.unlink()
+    assert weights.get_model("mine", reg, cache).status == "missing"
+    (cache / "user_models.json").write_text("[broken")
+    with pytest.raises(WeightsError, match="is damaged"):
+        weights.list_models(reg, cache)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_weights_list_import_path(server, tmp_path, monkeypatch):
+    url, body = server
+    monkeypatch.setenv("MAIS_WEIGHTS_DIR", str(tmp_path / "cache"))
+    proc = mais("weights", "list")
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("sam-med3d-turbo"))
+    assert "sam-med3d" in row and "not downloaded" in row and "Apache-2.0" in row
+    assert proc.stdout.splitlines()[0].split()[:4] == ["id", "version", "format", "status"]
+    proc = mais("weights", "import", str(REF_TINY), "--id", "ref-tiny")
+    assert proc.returncode == 0, proc.stderr
+    path = (tmp_path / "cache" / "imported" / "ref-tiny.pth").resolve()
+    assert proc.stdout.splitlines()[-1] == str(path) and sha(body) != sha(REF_TINY.read_bytes())
+    proc = mais("weights", "path", "ref-tiny")
+    assert proc.returncode == 0 and proc.stdout.strip() == str(path)
+    proc = mais("weights", "import", str(REF_TINY), "--id", "sam-med3d-turbo")
+    assert proc.returncode == 2 and proc.stderr.startswith("mais: error:") and "324" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = mais("weights", "path", "sam-med3d-turbo")
+    assert proc.returncode == 2 and "mais weights download sam-med3d-turbo" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # download through a registry override, progress on stderr, path on stdout
+    reg = write_registry(tmp_path / "r", [entry("tiny", url=f"{url}/tiny.pth", sha256=sha(body))])
+    monkeypatch.setenv("MAIS_MODELS_JSON", str(reg))
+    proc = mais("weights", "download", "tiny")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "cache" / "tiny.pth") and "100%" in proc.stderr
+    listing = mais("weights", "list").stdout
+    assert "cached" in listing and "ref-tiny" in listing and "imported" in listing
+
+
+def test_cli_model_option_and_default(tmp_path, monkeypatch):
+    from MAISSegmentLib.io import write_volume
+    from MAISSegmentLib.volume import Volume
+
+    image = tmp_path / "image.nii.gz"
+    k, j, i = np.meshgrid(*[np.arange(n) for n in (24, 28, 30)], indexing="ij")
+    blob = (np.abs(i - 12) + np.abs(j - 12) + np.abs(k - 12) < 8).astype(np.int16)
+    write_volume(Volume(1000 * blob, np.eye(4)), image)
+    monkeypatch.setenv("MAIS_WEIGHTS_DIR", str(tmp_path / "cache"))
+    reg = write_registry(tmp_path / "r", [entry("bundled-tiny", format="sam-med3d")])
+    monkeypatch.setenv("MAIS_MODELS_JSON", str(reg))
+    args = ["segment", "--image", str(image), "--point", "12,12,12,+", "--device", "cpu"]
+    proc = mais(*args, "--out", str(tmp_path / "a.nii.gz"))
+    assert proc.returncode == 2 and "needs --checkpoint FILE or --model ID" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = mais(*args, "--model", "bundled-tiny", "--checkpoint", str(REF_TINY), "--out", str(tmp_path / "a.nii.gz"))
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+    proc = mais(*args, "--model", "bundled-tiny", "--out", str(tmp_path / "a.nii.gz"))
+    assert proc.returncode == 2 and "mais weights import FILE --id bundled-tiny" in proc.stderr
+    # bundled beside the registry and made the default: used with neither option
+    shutil.copyfile(REF_TINY, reg.parent / "bundled_tiny.pth")
+    write_registry(tmp_path / "r", [entry("bundled-tiny", format="sam-med3d")], default="bundled-tiny")
+    proc = mais(*args, "--out", str(tmp_path / "b.nii.gz"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "b.nii.gz").exists()
+    proc = mais("finetune", "--manifest", str(tmp_path / "none.json"), "--model", "nope", "--out", str(tmp_path / "f"))
+    assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
