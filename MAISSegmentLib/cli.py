@@ -321,6 +321,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="segment a structure of the bundled sample CT with simulated clicks (Dice, PNGs)")
+    _add_model_choice(p, "model weights (default: the registry's default model)")
+    p.add_argument("--structure", default=None, help="structure of the sample case (default: liver)")
+    p.add_argument("--clicks", type=int, default=10, help="number of simulated clicks")
+    p.add_argument("--out", default="mais_demo", help="output folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow unsafe unpickling of the checkpoint")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .checkpoint import build_model
+    from .demo import run_demo
+
+    if args.clicks < 1:
+        raise PromptError("--clicks must be at least 1")
+    ckpt = _model_checkpoint(args, "mais demo")
+    model = build_model(None, checkpoint=ckpt, device=args.device, trusted=args.trust_checkpoint)
+    print(f"model: {model.load_report.summary()}")
+    run_demo(model, args.out, args.structure, args.clicks)
+    return 0
+
+
 def _add_model_choice(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
     """``--checkpoint FILE`` or ``--model ID`` (a registered/imported model); neither: the registry default."""
     group = p.add_mutually_exclusive_group()
@@ -450,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_segment(sub)
     _add_evaluate(sub)
+    _add_demo(sub)
     _add_train(sub, "train")
     _add_train(sub, "finetune")
     _add_weights(sub)
