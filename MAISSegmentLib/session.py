@@ -9,7 +9,9 @@ places ROI 0 centred on it. A click outside every ROI opens a new ROI centred on
 reaches a ROI face (positive logits in its outermost low-res layer) and the image continues there, a
 neighbouring ROI half a window further is added, seeded with an automatic include point where the
 current ROI is most confident inside the new one, and so on (up to ``max_rois``), so liver- or
-lung-sized objects are segmented without stopping at the window. Each ROI has its own click list
+lung-sized objects are segmented without stopping at the window. At most ``max_new_rois_per_click``
+ROIs are added per click (each costs an encoder run), so a click answers in bounded time and the object
+keeps growing with the next clicks. Each ROI has its own click list
 (the user clicks inside it), previous logits and memory bank; its image embedding is computed once and
 cached (a second click in the same ROI never re-runs the encoder). Where ROIs overlap, their logits are
 cross-faded (weights fall linearly over ``blend_margin`` ROI voxels towards each ROI's faces), so
@@ -51,6 +53,9 @@ class SessionOptions:
     memory_size: int = 60  # memory bank capacity N per ROI
     grow_rois: bool = True  # add neighbouring ROIs when the mask reaches a ROI face
     max_rois: int = 27  # upper bound on ROIs per object
+    max_new_rois_per_click: int = 2  # growth per click is capped (each new ROI costs an encoder run); the
+    # object keeps growing with the next clicks, so a click always answers in bounded time
+    grow_min_face_voxels: int = 2  # low-res voxels of a face the mask must cover before a neighbour is added
     blend_margin: float = 16.0  # ROI voxels over which overlapping ROIs cross-fade
     click_margin: float = 4.0  # a click within this many ROI voxels of a face opens a new ROI
     max_image_voxels: int = 2_000_000_000  # refuse larger images (the mask alone needs 1 byte/voxel)
@@ -61,6 +66,10 @@ class SessionOptions:
             raise ConfigError(f"memory_size must be between 1 and 10000, got {self.memory_size}")
         if not 1 <= self.max_rois <= 1000:
             raise ConfigError(f"max_rois must be between 1 and 1000, got {self.max_rois}")
+        if not 0 <= self.max_new_rois_per_click <= 1000:
+            raise ConfigError(f"max_new_rois_per_click must be between 0 and 1000, got {self.max_new_rois_per_click}")
+        if self.grow_min_face_voxels < 1:
+            raise ConfigError(f"grow_min_face_voxels must be >= 1, got {self.grow_min_face_voxels}")
         if not 0 < self.blend_margin <= 64:
             raise ConfigError(f"blend_margin must be in (0, 64] ROI voxels, got {self.blend_margin}")
         if not 0 <= self.click_margin < 32:
@@ -469,7 +478,8 @@ class InteractiveSession:
         """Add neighbouring ROIs where a prediction reaches a ROI face and the image continues."""
         queue = list(updated)
         image_lo, image_hi = self._image_ras_bounds()
-        while queue:
+        budget = self.options.max_new_rois_per_click
+        while queue and budget > 0:
             st = queue.pop(0)
             if st.prev is None:
                 continue
@@ -478,7 +488,7 @@ class InteractiveSession:
             for axis in range(3):
                 for sign in (-1, 1):
                     face = pos.take(0 if sign < 0 else -1, axis=axis)
-                    if not face.any():
+                    if face.sum() < self.options.grow_min_face_voxels:
                         continue
                     face_coord = st.roi.center[axis] + sign * half
                     beyond = (image_hi[axis] - face_coord) if sign > 0 else (face_coord - image_lo[axis])
@@ -496,6 +506,9 @@ class InteractiveSession:
                     new = self._new_roi_state(center)
                     self._step(new, new.roi.ras_to_roi(seed), 1, -1)
                     queue.append(new)
+                    budget -= 1
+                    if budget == 0:
+                        return
 
     def _seed_point(self, st: _RoiState, new_center: np.ndarray) -> np.ndarray | None:
         """RAS of the source ROI's most confident positive low-res voxel inside the new ROI (with margin)."""

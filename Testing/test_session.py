@@ -207,9 +207,14 @@ def test_click_outside_another_roi_opens_a_new_roi(model):
 
 def test_rois_grow_when_the_mask_reaches_a_face(model):
     vol = make_volume(spacing=(2.0, 2.0, 2.0), shape_kji=(100, 100, 250), origin=(-250.0, -100.0, -100.0))
-    s = new_session(model, vol, grow_rois=True, max_rois=4)
+    s = new_session(model, vol, grow_rois=True, max_rois=4, max_new_rois_per_click=4)
     s.add_click((0.0, 0.0, 0.0), True)
     grown = len(s.rois)
+    capped = new_session(model, vol, grow_rois=True, max_rois=4, max_new_rois_per_click=1)
+    capped.add_click((0.0, 0.0, 0.0), True)
+    assert len(capped.rois) == min(2, grown)  # growth per click is capped ...
+    capped.add_click((0.0, 0.0, 0.0), True)
+    assert len(capped.rois) >= min(3, grown)  # ... and goes on with the next click
     no_grow = new_session(model, vol, grow_rois=False)
     no_grow.add_click((0.0, 0.0, 0.0), True)
     assert len(no_grow.rois) == 1
