@@ -321,6 +321,49 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fewshot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fewshot", help="fine-tune on 1, 3... cases of a structure family; Dice before/after")
+    _add_model_choice(p, "the base model")
+    p.add_argument("--manifest", required=True, help="manifest JSON (or folder of image/label pairs)")
+    p.add_argument("--structures", required=True, help="family: target names containing one of these (comma list)")
+    p.add_argument("--cases", default="1,3", help="numbers of training cases to fine-tune on")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run")
+    p.add_argument("--episode-clicks", type=int, default=8)
+    p.add_argument("--clicks", default="1,5,10", help="click counts at which Dice is recorded")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--loss-size", type=int, default=128, choices=(32, 64, 128))
+    p.add_argument("--cpu-bf16", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output folder (fewshot.json, fewshot.png, one run folder per k)")
+    p.set_defaults(func=_cmd_fewshot)
+
+
+def _cmd_fewshot(args: argparse.Namespace) -> int:
+    from .evaluate import parse_clicks
+    from .fewshot import run_fewshot
+
+    try:
+        ks = sorted({int(x) for x in args.cases.split(",")})
+    except ValueError:
+        raise PromptError(f"--cases {args.cases!r}: give numbers of cases like 1,3") from None
+    run_fewshot(
+        _model_checkpoint(args, "mais fewshot"),
+        args.manifest,
+        [x.strip() for x in args.structures.split(",") if x.strip()],
+        ks,
+        args.out,
+        eval_split=args.eval_split,
+        clicks=parse_clicks(args.clicks),
+        steps=args.steps,
+        episode_clicks=args.episode_clicks,
+        device=args.device,
+        loss_size=args.loss_size,
+        cpu_bf16=args.cpu_bf16,
+        log=lambda s: print(s, file=sys.stderr),
+    )
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="segment a structure of the bundled sample CT with simulated clicks (Dice, PNGs)")
     _add_model_choice(p, "model weights (default: the registry's default model)")
@@ -475,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(sub)
     _add_evaluate(sub)
     _add_demo(sub)
+    _add_fewshot(sub)
     _add_train(sub, "train")
     _add_train(sub, "finetune")
     _add_weights(sub)

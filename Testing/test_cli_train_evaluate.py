@@ -151,3 +151,48 @@ def test_train_resume_and_bad_arguments(manifest, tmp_path, monkeypatch):
     assert bad.returncode == 2 and "unknown method" in bad.stderr
     bad = mais("train", "--manifest", str(tmp_path / "none.json"), "--out", str(tmp_path / "y"))
     assert bad.returncode == 2 and "mais: error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fewshot_experiment(manifest, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAIS_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "fs"
+    proc = mais(
+        "fewshot",
+        "--checkpoint",
+        str(TINY / "ref_tiny.pth"),
+        "--manifest",
+        str(manifest),
+        "--structures",
+        "sphere",
+        "--cases",
+        "1,2",
+        "--steps",
+        "1",
+        "--episode-clicks",
+        "2",
+        "--clicks",
+        "1,2",
+        "--out",
+        str(out),
+        "--loss-size",
+        "32",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((out / "fewshot.json").read_text())
+    assert list(doc["methods"]) == ["base", "finetuned-1", "finetuned-2"]
+    assert doc["fewshot"]["train_cases"] == {"1": ["synth__c0"], "2": ["synth__c0", "synth__c1"]}
+    assert doc["data"]["n_targets"] == 1 and (out / "fewshot.png").exists()
+    bad = mais(
+        "fewshot",
+        "--checkpoint",
+        str(TINY / "ref_tiny.pth"),
+        "--manifest",
+        str(manifest),
+        "--structures",
+        "sphere",
+        "--cases",
+        "5",
+        "--out",
+        str(out),
+    )
+    assert bad.returncode == 2 and "only 2 training cases" in bad.stderr

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Recipe of the built-in model (mais-small trained on the train split of ../shared/data), on CPU.
+# Resumable: run it again (e.g. in the background, session after session) and it continues from
+# runs/mais-small-shared/last.pth until all steps are done. Arguments are passed to `mais train`.
+#   nohup bash scripts/train_builtin_model.sh --time-limit 150 > runs/train.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=runs/mais-small-shared
+export MAIS_CACHE_DIR="${MAIS_CACHE_DIR:-$PWD/runs/cache}"
+RESUME=()
+[ -f "$OUT/last.pth" ] && RESUME=(--resume)
+.venv/bin/mais train --manifest ../shared/data/manifest.json --split train --preset mais-small \
+  --steps 3000 --batch-size 2 --episode-clicks 8 --tbptt 4 --memory-size 60 \
+  --loss-size 32 --cpu-bf16 --checkpoint-every 25 --device cpu --seed 0 \
+  --model-id mais-small-shared --version 0.1.0 --out "$OUT" "${RESUME[@]}" "$@"
