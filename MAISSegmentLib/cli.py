@@ -255,6 +255,9 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
         help="Dice loss resolution (128: reference; 32: low-res logits, cheaper on CPU)",
     )
     p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU (AVX512-BF16/AMX CPUs)")
+    p.add_argument("--lr-encoder", type=float, default=8e-5, help="image encoder learning rate (train only)")
+    p.add_argument("--lr-prompt-decoder", type=float, default=8e-5, help="prompt encoder + mask decoder lr")
+    p.add_argument("--lr-memory", type=float, default=8e-4, help="memory attention learning rate")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -297,6 +300,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         loss_size=args.loss_size,
         cpu_bf16=args.cpu_bf16,
+        lr_encoder=args.lr_encoder,
+        lr_prompt_decoder=args.lr_prompt_decoder,
+        lr_memory=args.lr_memory,
         seed=args.seed,
         model_id=args.model_id,
         version=args.version,
