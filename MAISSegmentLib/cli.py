@@ -255,6 +255,12 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
         help="Dice loss resolution (128: reference; 32: low-res logits, cheaper on CPU)",
     )
     p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU (AVX512-BF16/AMX CPUs)")
+    p.add_argument(
+        "--targets-per-crop",
+        type=int,
+        default=1,
+        help="episodes per crop: other labels in the crop share the encoder pass",
+    )
     p.add_argument("--lr-encoder", type=float, default=8e-5, help="image encoder learning rate (train only)")
     p.add_argument("--lr-prompt-decoder", type=float, default=8e-5, help="prompt encoder + mask decoder lr")
     p.add_argument("--lr-memory", type=float, default=8e-4, help="memory attention learning rate")
@@ -300,6 +306,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         loss_size=args.loss_size,
         cpu_bf16=args.cpu_bf16,
+        targets_per_crop=args.targets_per_crop,
         lr_encoder=args.lr_encoder,
         lr_prompt_decoder=args.lr_prompt_decoder,
         lr_memory=args.lr_memory,
@@ -314,7 +321,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "command": "mais " + " ".join(sys.argv[1:]),
         },
     )
-    sampler = TargetSampler(targets, PreprocessCache(args.cache_dir), seed=args.seed)
+    sampler = TargetSampler(targets, PreprocessCache(args.cache_dir), seed=args.seed, others=args.targets_per_crop - 1)
     train(
         cfg,
         sampler,

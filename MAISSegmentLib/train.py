@@ -67,6 +67,7 @@ class TrainConfig:
     # logits against the area-averaged target, several times cheaper on CPU)
     amp: bool = True  # mixed precision (bf16) on CUDA
     cpu_bf16: bool = False  # bf16 autocast on the CPU too (fast on CPUs with AVX512-BF16/AMX; ~1.3x here)
+    targets_per_crop: int = 1  # episodes per crop (other labels in the crop share the encoder pass)
     checkpoint_every: int = 200  # steps between checkpoints
     seed: int = 0
     model_id: str = "mais-custom"
@@ -88,23 +89,42 @@ class Sample:
     image: torch.Tensor
     target: torch.Tensor
     name: str = ""
+    others: list[torch.Tensor] = field(default_factory=list)  # more targets in the same crop (same encoder pass)
 
 
 # ------------------------------------------------------------------------------------------ sampling
-def crop_sample(image: np.ndarray, label: np.ndarray, value: int, rng: np.random.Generator, size: int = 128) -> Sample:
-    """A ``size``^3 crop of a preprocessed case centred on a random voxel of label ``value`` (zero-padded)."""
+def crop_sample(
+    image: np.ndarray,
+    label: np.ndarray,
+    value: int,
+    rng: np.random.Generator,
+    size: int = 128,
+    others: int = 0,
+    min_voxels: int = 64,
+) -> Sample:
+    """A ``size``^3 crop of a preprocessed case centred on a random voxel of label ``value`` (zero-padded).
+
+    ``others``: up to this many other labels present in the crop (at least ``min_voxels`` voxels) become
+    extra targets of the same crop, so one encoder pass serves several episodes.
+    """
     fg = np.argwhere(label == value)
     if len(fg) == 0:
         raise ValueError(f"label {value} is not present")
     centre = fg[rng.integers(len(fg))]
     lo = centre - size // 2
     img = np.zeros((size,) * 3, np.float32)
-    tgt = np.zeros((size,) * 3, bool)
+    lab = np.zeros((size,) * 3, label.dtype)
     src = tuple(slice(max(0, lo[d]), min(image.shape[d], lo[d] + size)) for d in range(3))
     dst = tuple(slice(s.start - lo[d], s.stop - lo[d]) for d, s in enumerate(src))
     img[dst] = image[src]
-    tgt[dst] = label[src] == value
-    return Sample(normalise_roi(torch.from_numpy(img))[None, None], torch.from_numpy(tgt))
+    lab[dst] = label[src]
+    extra: list[torch.Tensor] = []
+    if others > 0:
+        values, counts = np.unique(lab[lab > 0], return_counts=True)
+        candidates = [int(v) for v, c in zip(values, counts) if v != value and c >= min_voxels]
+        for v in rng.permutation(candidates)[:others] if candidates else []:
+            extra.append(torch.from_numpy(lab == v))
+    return Sample(normalise_roi(torch.from_numpy(img))[None, None], torch.from_numpy(lab == value), others=extra)
 
 
 def simulate_click(target: torch.Tensor, pred: torch.Tensor | None, gen: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -134,19 +154,51 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
 def run_episode(
     model: MAISModel, sample: Sample, cfg: TrainConfig, gen: torch.Generator, loss_scale: float = 1.0
 ) -> dict[str, float]:
-    """Simulate one click episode, back-propagating ``loss_scale * mean Dice loss`` (gradients accumulate).
+    """Simulate the click episodes of a crop (its target, then ``sample.others``) on one encoder pass,
+    back-propagating ``loss_scale * mean Dice loss`` (gradients accumulate).
 
-    Returns the episode's mean loss and the Dice of its last prediction.
+    Returns the mean loss and the mean Dice of the last predictions.
     """
     dev = model.device
-    image, target = sample.image.to(dev), sample.target.to(dev)
-    size = target.shape[-1]
     use_bf16 = (cfg.amp and dev.type == "cuda") or (cfg.cpu_bf16 and dev.type == "cpu")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else _null()
     with autocast:
         train_encoder = cfg.mode == "train" and any(p.requires_grad for p in model.image_encoder.parameters())
         with torch.set_grad_enabled(train_encoder):
-            embedding = model.encode_image(image)
+            embedding = model.encode_image(sample.image.to(dev))
+    targets = [sample.target, *sample.others][: max(1, cfg.targets_per_crop)]
+    stats = []
+    for n, target in enumerate(targets):
+        last = n == len(targets) - 1
+        stats.append(
+            _episode(
+                model,
+                embedding,
+                target.to(dev),
+                cfg,
+                gen,
+                loss_scale / len(targets),
+                autocast,
+                keep_encoder_graph=train_encoder and not last,
+            )
+        )
+    return {"loss": float(np.mean([s["loss"] for s in stats])), "dice": float(np.mean([s["dice"] for s in stats]))}
+
+
+def _episode(
+    model: MAISModel,
+    embedding: torch.Tensor,
+    target: torch.Tensor,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    loss_scale: float,
+    autocast: Any,
+    keep_encoder_graph: bool,
+) -> dict[str, float]:
+    """One target's click episode on a given embedding (see :func:`run_episode`)."""
+    dev = model.device
+    size = target.shape[-1]
+    train_encoder = embedding.requires_grad
     pe = model.dense_pe()
     bank = MemoryBank(cfg.memory_size, model.cfg.memory.variant) if (cfg.use_memory and model.has_memory) else None
     soft_target = None
@@ -184,7 +236,7 @@ def run_episode(
         pred = hi.detach()[0, 0] > 0
         prev = out.low_res_logits
         if (t + 1) % cfg.tbptt == 0 or t == n - 1:
-            (window_loss * loss_scale / n).backward(retain_graph=train_encoder and t < n - 1)
+            (window_loss * loss_scale / n).backward(retain_graph=train_encoder and (t < n - 1 or keep_encoder_graph))
             window_loss = 0.0
             prev = prev.detach()
             if bank is not None:  # truncate: memories of earlier windows become constants
@@ -434,7 +486,10 @@ class TargetSampler:
     ``keep`` of them stay in memory.
     """
 
-    def __init__(self, targets: list, cache, seed: int = 0, crop_size: int = 128, keep: int = 16) -> None:
+    def __init__(
+        self, targets: list, cache, seed: int = 0, crop_size: int = 128, keep: int = 16, others: int = 0
+    ) -> None:
+        self.others = others  # extra targets per crop (TrainConfig.targets_per_crop - 1)
         if not targets:
             raise ConfigError("no training targets: check the manifest, split and --structures filter")
         self.targets, self.cache, self.seed, self.crop_size, self.keep = targets, cache, seed, crop_size, keep
@@ -451,6 +506,6 @@ class TargetSampler:
         rng = np.random.default_rng([self.seed, index])
         target = self.targets[int(rng.integers(len(self.targets)))]
         pre = self._case(target.case)
-        sample = crop_sample(pre.image, pre.label, target.label, rng, self.crop_size)
+        sample = crop_sample(pre.image, pre.label, target.label, rng, self.crop_size, others=self.others)
         sample.name = f"{target.case.id}:{target.name}"
         return sample

@@ -111,3 +111,26 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         assert torch.allclose(w, single.state_dict()[k], atol=5e-4), k
     ddp = build_model(None, checkpoint=tmp_path / "ddp" / "model.pth")
     assert all(torch.equal(a, r0["weights"][k]) for k, a in ddp.state_dict().items())
+
+
+def test_several_targets_of_a_crop_share_one_encoder_pass():
+    import numpy as np
+
+    from MAISSegmentLib.train import crop_sample
+
+    rng = np.random.default_rng(0)
+    label = np.zeros((128, 128, 128), np.uint8)
+    label[40:70, 40:70, 40:70] = 1
+    label[80:100, 50:70, 50:70] = 2
+    label[5:7, 5:7, 5:7] = 3  # too small to be an extra target
+    image = (label * 100 + rng.normal(0, 10, label.shape)).astype(np.float32)
+    sample = crop_sample(image, label, 1, rng, others=3)
+    assert len(sample.others) == 1 and sample.others[0].sum() == 20 * 20 * 20
+    cfg = tiny_config(mode="train", episode_clicks=3, tbptt=2, targets_per_crop=2)
+    model = build_model("sam-med3d-tiny").train()
+    param_groups(model, cfg)
+    calls = []
+    model.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    stats = run_episode(model, sample, cfg, torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and 0 <= stats["dice"] <= 1
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.image_encoder.parameters())
