@@ -264,6 +264,7 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--lr-encoder", type=float, default=8e-5, help="image encoder learning rate (train only)")
     p.add_argument("--lr-prompt-decoder", type=float, default=8e-5, help="prompt encoder + mask decoder lr")
     p.add_argument("--lr-memory", type=float, default=8e-4, help="memory attention learning rate")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (from scratch: ~100)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -310,6 +311,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr_encoder=args.lr_encoder,
         lr_prompt_decoder=args.lr_prompt_decoder,
         lr_memory=args.lr_memory,
+        warmup_steps=args.warmup_steps,
         seed=args.seed,
         model_id=args.model_id,
         version=args.version,

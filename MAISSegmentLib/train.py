@@ -62,6 +62,7 @@ class TrainConfig:
     lr_memory: float = 8e-4  # memory attention (from scratch)
     weight_decay: float = 0.1
     milestones: tuple[float, float] = (0.645, 0.9)  # fractions of steps where the lr drops x0.1
+    warmup_steps: int = 0  # linear learning-rate warm-up (0: the paper's schedule; from scratch use ~100)
     crop_size: int = 128  # must equal the model's img_size
     loss_size: int = 128  # Dice loss on logits upsampled to this edge (128: the reference; 32: the low-res
     # logits against the area-averaged target, several times cheaper on CPU)
@@ -368,7 +369,7 @@ def train(
         )
     model.train()
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(m * cfg.steps) for m in cfg.milestones], gamma=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step))
     step = 0
     if start_ckpt:
         _, _, meta = load_checkpoint(start_ckpt)
@@ -430,6 +431,14 @@ def train(
     if world > 1:
         dist.barrier()
     return model.eval()
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Learning-rate factor at ``step``: linear warm-up over ``warmup_steps``, then x0.1 at each milestone
+    (with ``warmup_steps=0`` exactly the paper's MultiStepLR)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    drops = sum(step >= round(m * cfg.steps) for m in cfg.milestones)
+    return warm * 0.1**drops
 
 
 def _provenance(cfg: TrainConfig, step: int) -> dict[str, Any]:

@@ -134,3 +134,12 @@ def test_several_targets_of_a_crop_share_one_encoder_pass():
     stats = run_episode(model, sample, cfg, torch.Generator().manual_seed(0))
     assert len(calls) == 1 and 0 <= stats["dice"] <= 1
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.image_encoder.parameters())
+
+
+def test_learning_rate_schedule():
+    from MAISSegmentLib.train import lr_factor
+
+    paper = tiny_config(steps=200)
+    assert [lr_factor(paper, s) for s in (0, 128, 129, 179, 180)] == [1.0, 1.0, 0.1, 0.1, pytest.approx(0.01)]
+    warm = tiny_config(steps=200, warmup_steps=10)
+    assert lr_factor(warm, 0) == 0.1 and lr_factor(warm, 4) == 0.5 and lr_factor(warm, 9) == 1.0
