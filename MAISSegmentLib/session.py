@@ -304,6 +304,19 @@ class InteractiveSession:
         keep = [c for i, c in enumerate(self._clicks) if i != index % n]
         return self._rebuild(keep, self.options)
 
+    def replace_clicks(self, clicks: Sequence[tuple[Sequence[float], bool]], space: str = "ras") -> Box:
+        """Replace all clicks (e.g. a point was moved) and replay them; undoable like :meth:`forget`.
+
+        Args:
+            clicks: ``(point, include)`` pairs in order, points in ``space`` (RAS mm or IJK).
+
+        Raises:
+            PromptError: a click that :meth:`add_click` would refuse (nothing changes).
+        """
+        self._need_image()
+        new = [self._make_click(p, inc, space) for p, inc in clicks]
+        return self._rebuild(new, self.options)
+
     def reset(self) -> Box:
         """Remove every click (undoable); the cached embeddings are kept."""
         self._need_image()

@@ -391,3 +391,21 @@ def test_image_larger_than_available_memory_is_refused(model, volume, monkeypatc
     with pytest.raises(ImageError, match="GiB of memory is available"):
         s.set_image(make_volume())
     assert np.array_equal(s.mask, mask)
+
+
+def test_replace_clicks_equals_a_fresh_session_and_is_undoable(model, volume):
+    s = new_session(model, volume)
+    for p, inc in CLICKS[:3]:
+        s.add_click(p, inc)
+    before = s.mask.copy()
+    moved = [CLICKS[0], ((-28.0, 14.0, 2.0), False), CLICKS[2]]  # the second point was moved
+    s.replace_clicks(moved)
+    ref = new_session(model, volume)
+    for p, inc in moved:
+        ref.add_click(p, inc)
+    assert np.array_equal(s.mask, ref.mask) and s.clicks == ref.clicks
+    with pytest.raises(PromptError, match="outside the image"):
+        s.replace_clicks([((900.0, 0.0, 0.0), True)])
+    assert np.array_equal(s.mask, ref.mask)
+    s.undo()
+    assert np.array_equal(s.mask, before)

@@ -1,0 +1,1911 @@
+"""MAISSegment: interactive 3-D segmentation with include/exclude points (3D Slicer scripted module).
+
+The file follows Slicer's scripted-module template: ``MAISSegment`` (the module's description),
+``MAISSegmentParameterNode`` (the GUI state, bound to the ``.ui`` widgets through their ``SlicerParameterName``
+property), ``MAISSegmentWidget`` (a thin Qt layer), ``MAISSegmentLogic`` (everything else; no Qt, usable from the Python
+console and tested headless on slicer-core by ``Testing/test_slicer_module.py``) and ``MAISSegmentTest`` (the in-Slicer
+test, the same scenarios).
+
+How points become voxels
+------------------------
+One :class:`MAISSegmentLib.session.InteractiveSession` per (segmentation, segment, volume) holds the clicks and the MAIS
+memory of that object. The clicks are the control points of two point lists of the segment (include + and exclude −),
+in click order (``mais:order=N`` in each point's description, see ``MAISSegmentLib.mrml_bridge``). Whenever the points
+change, :meth:`MAISSegmentLogic.on_points_changed` compares them with the session: new points become clicks; a moved or
+deleted point makes the session rebuild from the points (the memory is replayed). Only the changed box is written into
+the segment, through ``mrml_bridge.write_mask`` (editable area, "modify other segments" and locked segments honoured),
+and every write is recorded, so :meth:`~MAISSegmentLogic.undo` / :meth:`~MAISSegmentLogic.redo` restore the exact
+labelmaps together with the session (memory included) and the points. After every change the session's state
+(clicks, options, model) is stored in the segment tag ``MAISSegment.State``, so a saved and reloaded scene continues
+with the full memory.
+
+Threads: :meth:`~MAISSegmentLogic.prepare_update` and :meth:`~MAISSegmentLogic.apply_update` touch MRML (main thread);
+:meth:`~MAISSegmentLogic.compute_update` runs the network and touches neither MRML nor Qt, so the widget runs it on one
+persistent worker thread (:class:`Worker`; cuDNN/MPS caches are per thread).
+
+Heavy imports (torch, MAISSegmentLib) happen inside functions, at first use, after the dependency check.
+"""
+
+import importlib.util
+import inspect
+import logging
+import os
+import queue
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import numpy as np
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_NAME = "MAISSegment"
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+MIN_TORCH_VERSION = "2.5"  # torch.serialization.safe_globals, used by MAISSegmentLib.checkpoint
+DEVICES = ("auto", "cpu", "cuda", "mps")  # MAISSegmentLib.devices.DEVICE_CHOICES
+OVERWRITE_MODES = ("none", "visible", "all")  # MAISSegmentLib.mrml_bridge.OVERWRITE_MODES
+SAME_POSITION_MM = 1e-3  # two clicks closer than this (mm, per axis) on the same side are the same click
+INCLUDE_COLOR = (0.20, 0.80, 0.30)  # include (+) points: green
+EXCLUDE_COLOR = (0.95, 0.25, 0.20)  # exclude (−) points: red
+POINTS_ROLE_ATTRIBUTE = "MAISSegment.Role"  # "include" | "exclude" on the point lists this module creates
+POINTS_SEGMENT_ATTRIBUTE = "MAISSegment.SegmentID"
+POINTS_SEGMENTATION_REFERENCE = "MAISSegmentSegmentation"  # node reference role: point list -> segmentation node
+ROLES = ("include", "exclude")
+
+# Keyboard shortcuts while the module is shown: (key sequence, widget method); descriptions in shortcutDescriptions().
+SHORTCUTS = (
+    ("I", "onPlaceIncludeShortcut"),
+    ("E", "onPlaceExcludeShortcut"),
+    ("Ctrl+Alt+Z", "onUndo"),
+    ("Ctrl+Alt+Y", "onRedo"),
+    ("Ctrl+Alt+Backspace", "onForgetPoint"),
+)
+
+
+class MAISSegmentError(RuntimeError):
+    """A problem the user can fix (missing dependency, no model, wrong nodes); the message says how."""
+
+
+#
+# MAISSegment
+#
+
+
+class MAISSegment(ScriptedLoadableModule):
+    """Module description (title, category, help), as in Slicer's scripted-module template."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MAIS Segment")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MAISSegment developers"]
+        self.parent.helpText = _(
+            "Interactive 3-D segmentation: place include (+) and exclude (−) points and a network running on this "
+            "computer (CPU or GPU) refines the selected segment after each point. The MAIS memory remembers every "
+            "earlier point of the segment, so each point improves the result. Move or delete a point to recompute; "
+            "undo, redo and forget any point; the points and the memory are saved with the scene. Only the changed "
+            "region is written, honouring the Segment Editor's masking settings."
+        )
+        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.acknowledgementText = _(
+            "The network is a SAM-Med3D-compatible backbone (Wang et al.) with the MAIS memory attention "
+            "(Orbes-Arteaga et al., MIDL 2025). Built on 3D Slicer's scripted-module template."
+        )
+
+
+#
+# MAISSegmentParameterNode
+#
+
+
+@parameterNodeWrapper
+class MAISSegmentParameterNode:
+    """The module's GUI state, saved with the scene.
+
+    inputVolume - the volume the network segments (the reference grid of the mask).
+    segmentation - the segmentation node holding the target segment.
+    segmentId - the segment being segmented (set by the segment selector; it has no parameter-node connector).
+    includePoints, excludePoints - the point lists of that segment (created by the logic).
+    modelId - the model (registered or imported id; the combo box is filled at run time, so it is not bound).
+    device - where the network runs.
+    useMemory, memorySize - MAIS memory on/off and its capacity (entries per ROI).
+    useEditorMasking - take the editable area and "modify other segments" from the Segment Editor.
+    overwriteMode - which other segments give up voxels when the Segment Editor's settings are not used.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    segmentation: vtkMRMLSegmentationNode
+    segmentId: str = ""
+    includePoints: vtkMRMLMarkupsFiducialNode
+    excludePoints: vtkMRMLMarkupsFiducialNode
+    modelId: str = ""
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    useMemory: bool = True
+    memorySize: Annotated[int, WithinRange(1, 1000)] = 60
+    useEditorMasking: bool = True
+    overwriteMode: Annotated[str, Choice(list(OVERWRITE_MODES))] = "none"
+
+
+#
+# Helpers without Qt or MRML (unit-tested headless)
+#
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """What to do with a session so that its clicks become the points' clicks.
+
+    kind: ``"none"``, ``"add"`` (``clicks`` are new, appended in order), ``"forget"`` (remove session click ``index``)
+    or ``"rebuild"`` (``clicks`` is the whole new list: a point moved, changed side, or several changed).
+    """
+
+    kind: str
+    clicks: tuple[tuple[tuple[float, float, float], bool], ...] = ()
+    index: int = -1
+
+
+def _click_pair(click: Any) -> tuple[tuple[float, float, float], bool]:
+    """``(ras, include)`` of a session Click or of a ``(ras, include)`` pair."""
+    ras, include = (click.ras, click.include) if hasattr(click, "ras") else click
+    return (float(ras[0]), float(ras[1]), float(ras[2])), bool(include)
+
+
+def plan_update(session_clicks: Sequence[Any], point_clicks: Sequence[Any], tolerance_mm: float = SAME_POSITION_MM):
+    """Compare a session's clicks with the clicks read from the point lists and say what to do (:class:`UpdatePlan`).
+
+    Args:
+        session_clicks: the session's clicks (``Click`` objects or ``(ras, include)`` pairs), in order.
+        point_clicks: ``(ras (3,) mm, include)`` pairs from ``mrml_bridge.clicks_from_markups``, in click order.
+        tolerance_mm: positions closer than this on every axis are the same click.
+    """
+    old = [_click_pair(c) for c in session_clicks]
+    new = [_click_pair(c) for c in point_clicks]
+
+    def same(a, b) -> bool:
+        return a[1] == b[1] and max(abs(x - y) for x, y in zip(a[0], b[0])) <= tolerance_mm
+
+    prefix = 0
+    while prefix < min(len(old), len(new)) and same(old[prefix], new[prefix]):
+        prefix += 1
+    if prefix == len(old) == len(new):
+        return UpdatePlan("none")
+    if prefix == len(old):
+        return UpdatePlan("add", tuple(new[prefix:]))
+    if len(new) == len(old) - 1 and all(same(old[i + 1], new[i]) for i in range(prefix, len(new))):
+        return UpdatePlan("forget", index=prefix)
+    return UpdatePlan("rebuild", tuple(new))
+
+
+class Worker:
+    """One persistent background thread for the network work (cuDNN and MPS caches are per thread); no Qt inside.
+
+    :meth:`submit` queues ``job()`` for the thread; :meth:`deliver`, called on the main thread (the widget calls it
+    from a QTimer), runs ``done(result, error)`` there for every finished job, in submission order. Only one job runs
+    at a time.
+    """
+
+    def __init__(self, name: str = "MAISSegment worker") -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._results: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted whose ``done`` has not been delivered yet."""
+        with self._lock:
+            return self._pending
+
+    @property
+    def thread_id(self) -> int | None:
+        return self._thread.ident
+
+    def submit(self, job: Callable[[], Any], done: Callable[[Any, BaseException | None], None] | None = None) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the MAISSegment worker thread has stopped")
+        with self._lock:
+            self._pending += 1
+        self._jobs.put((job, done))
+
+    def _run(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, done = item
+            try:
+                result, error = job(), None
+            except Exception as exc:  # delivered to the main thread, which reports it
+                result, error = None, exc
+            self._results.put((done, result, error))
+
+    def deliver(self) -> int:
+        """Run the ``done`` callbacks of finished jobs (call on the main thread). Returns how many were delivered."""
+        count = 0
+        while True:
+            try:
+                done, result, error = self._results.get_nowait()
+            except queue.Empty:
+                return count
+            with self._lock:
+                self._pending -= 1
+            count += 1
+            if done is None:
+                if error is not None:
+                    logging.error("MAISSegment: background job failed: %s", error)
+                continue
+            try:
+                done(result, error)
+            except Exception:  # one failing callback must not stop the delivery of the others
+                logging.exception("MAISSegment: error while handling a background result")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+
+def read_requirements(path: str) -> list[str]:
+    """Requirement lines of a requirements file (comments, blank lines and pip options skipped)."""
+    lines = []
+    with open(path, encoding="utf-8") as fh:
+        for raw in fh:
+            line = raw.split(" #", 1)[0].strip()
+            if line and not line.startswith(("#", "-")):
+                lines.append(line)
+    return lines
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def missing_requirements(requirements: Sequence[str]) -> list[str]:
+    """The requirements (PEP 508 strings) that are not installed at an acceptable version in this Python."""
+    from importlib import metadata
+
+    try:
+        from packaging.requirements import Requirement  # shipped with Slicer
+    except ImportError:  # pragma: no cover - packaging is everywhere pip is
+        Requirement = None
+    missing = []
+    for text in requirements:
+        if Requirement is None:
+            name, specifier, marker = re.split(r"[<>=!~;\[ ]", text, maxsplit=1)[0], None, None
+        else:
+            req = Requirement(text)
+            name, specifier, marker = req.name, req.specifier, req.marker
+        if marker is not None and not marker.evaluate():
+            continue
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(text)
+            continue
+        if specifier is not None and not specifier.contains(installed, prereleases=True):
+            missing.append(text)
+    return missing
+
+
+def _add_library_path() -> None:
+    """Make ``MAISSegmentLib`` importable when the module runs from a source checkout (it lies beside MAISSegment/);
+    an installed extension has it beside this file, on Slicer's module path already."""
+    for folder in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
+        if os.path.isfile(os.path.join(folder, "MAISSegmentLib", "__init__.py")):
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            return
+
+
+def _bridge():
+    """``MAISSegmentLib.mrml_bridge`` (imports torch through the package: call after the dependency check)."""
+    _add_library_path()
+    from MAISSegmentLib import mrml_bridge
+
+    return mrml_bridge
+
+
+def _state_fits(state: dict, volume: Any) -> bool:
+    """Whether a stored session state was made on this volume's grid (shape and IJK->RAS)."""
+    try:
+        image = state["image"]
+        return list(volume.array.shape) == list(image["shape_kji"]) and bool(
+            np.allclose(volume.ijk_to_ras, np.asarray(image["ijk_to_ras"], dtype=float), atol=1e-4)
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _add_state_points(state: dict, include_node: Any, exclude_node: Any) -> None:
+    """Add the clicks of a stored session state to the point lists, with their click orders."""
+    mb = _bridge()
+    for order, click in enumerate(state.get("clicks") or []):
+        try:
+            node = include_node if bool(click["include"]) else exclude_node
+            if node is not None:
+                mb.add_click_point(node, [float(x) for x in click["ras"]], order)
+        except (KeyError, TypeError, ValueError, mb.BridgeError):
+            logging.warning("MAISSegment: skipping a malformed stored click %r", click)
+
+
+def _same_mask(a: Any, b: Any) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
+def _rebuild_session(session: Any, clicks: Sequence[tuple[Sequence[float], bool]]) -> Any:
+    """Replace the session's clicks by ``clicks`` (a moved point) and replay them: one undoable operation.
+
+    Returns the changed box; a refused click raises the session's ``PromptError`` with nothing changed.
+    """
+    return session.replace_clicks(clicks)
+
+
+#
+# MAISSegmentLogic
+#
+
+
+@dataclass
+class UpdateResult:
+    """What one logic call did (shown in the status line).
+
+    action: ``"none"``, ``"add"``, ``"forget"``, ``"rebuild"``, ``"configure"``, ``"reset"``, ``"undo"``, ``"redo"``,
+        ``"restore"`` or ``"rejected"`` (every new point was refused).
+    clicks: clicks of the session afterwards. seconds: wall time of the call's network part.
+    rois: ROIs of the session. encoder_runs: image-encoder runs during the call. model: model label.
+    box: the IJK box written (``MAISSegmentLib.roi.Box``; None if nothing). changed: whether any voxel changed.
+    rejected: messages of points that were refused (their points were removed from the point lists).
+    """
+
+    action: str
+    clicks: int = 0
+    seconds: float = 0.0
+    rois: int = 0
+    encoder_runs: int = 0
+    model: str = ""
+    box: Any = None
+    changed: bool = False
+    rejected: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Operation:
+    """One undoable logic change: ``steps`` session operations and the segment write that showed them."""
+
+    steps: int
+    record: Any  # mrml_bridge.UndoRecord, or None when nothing was written
+    action: str
+
+
+@dataclass
+class _Target:
+    """One object being segmented: a segment of a segmentation node, on a volume."""
+
+    scene: Any
+    segmentation_node_id: str
+    segment_id: str
+    volume_node_id: str
+    session: Any = None  # MAISSegmentLib.session.InteractiveSession
+    include_node_id: str | None = None
+    exclude_node_id: str | None = None
+    protection_stamp: tuple | None = None  # the other segments' state the session's protected mask was made from
+    undo: list[_Operation] = field(default_factory=list)
+    redo: list[_Operation] = field(default_factory=list)
+    last: UpdateResult | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.segmentation_node_id, self.segment_id, self.volume_node_id)
+
+
+@dataclass
+class UpdateRequest:
+    """Everything :meth:`MAISSegmentLogic.compute_update` needs, read from MRML on the main thread."""
+
+    target: _Target
+    clicks: list  # (ras (3,), include) from the point lists, in click order
+    options: tuple[bool, int] | None = None  # (use_memory, memory_size) to apply first, or None
+    volume: Any = None  # MAISSegmentLib Volume, only when the session must be created
+    protected: Any = None  # bool KJI mask of voxels not to take: for a new session, or when other segments changed
+    state: dict | None = None  # stored session state, only when the session must be created
+
+
+@dataclass
+class UpdateOutcome:
+    """What :meth:`MAISSegmentLogic.compute_update` did, to be written by :meth:`~MAISSegmentLogic.apply_update`."""
+
+    target: _Target
+    action: str
+    steps: int
+    box: Any
+    seconds: float
+    encoder_runs: int
+    rejected: list[str]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model offered in the model selector."""
+
+    id: str
+    label: str
+    usable: bool
+
+
+class MAISSegmentLogic(ScriptedLoadableModuleLogic):
+    """Interactive segmentation of segments from include/exclude points, without Qt.
+
+    Usable from the Python console and from other modules::
+
+        logic = MAISSegmentLogic()
+        logic.select_model(model_id="sam-med3d-turbo", device="auto")     # or checkpoint="/path/model.pth"
+        include, exclude = logic.get_point_lists(segmentationNode, segmentId)
+        include.AddControlPoint([12.0, -40.5, 88.0])                      # RAS mm
+        logic.on_points_changed(segmentationNode, segmentId, volumeNode, include, exclude)
+        logic.undo(segmentationNode, segmentId, volumeNode)
+
+    Settings (attributes): ``use_memory``, ``memory_size`` (new sessions), ``overwrite`` (``"none"``, ``"visible"``,
+    ``"all"``: other segments that give up voxels) and ``segment_editor_node`` (when set, its editable area, intensity
+    range and "modify other segments" are used instead of ``overwrite``).
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.use_memory = True
+        self.memory_size = 60
+        self.overwrite = "none"
+        self.segment_editor_node = None
+        self.requirements_file: str | None = None  # default: Resources/requirements.txt (see requirements_path)
+        self._targets: dict[tuple[str, str, str], _Target] = {}
+        self._model = None
+        self._model_key: tuple | None = None
+        self._model_choice: dict[str, Any] = {"model_id": "", "checkpoint": None, "device": "auto", "trusted": False}
+        self.model_label = ""
+        self._dependencies_ok = False
+
+    def getParameterNode(self):
+        return MAISSegmentParameterNode(super().getParameterNode())
+
+    # ---------------------------------------------------------------------------------------------- dependencies
+    def requirements_path(self) -> str | None:
+        """``Resources/requirements.txt``: beside this file once installed, at the repository root in a checkout."""
+        if self.requirements_file:
+            return self.requirements_file
+        for folder in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
+            path = os.path.join(folder, "Resources", "requirements.txt")
+            if os.path.isfile(path):
+                return path
+        return None
+
+    def missing_requirements(self) -> list[str]:
+        """The packages of ``Resources/requirements.txt`` that this Python lacks (torch is handled separately)."""
+        path = self.requirements_path()
+        return missing_requirements(read_requirements(path)) if path else []
+
+    def dependencies_present(self) -> bool:
+        """Cheap check (nothing imported): whether torch is installed and MAISSegmentLib can be found."""
+        _add_library_path()
+        return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("MAISSegmentLib") is not None
+
+    def ensure_dependencies(self, confirm: Callable[[list[str]], bool] | None = None) -> None:
+        """Make torch and the packages of ``Resources/requirements.txt`` available; nothing is imported before.
+
+        Inside Slicer (main thread: it may show dialogs) torch comes from the PyTorch extension (``PyTorchUtils``
+        chooses the CUDA or CPU build for the machine, asking first) and missing packages are listed to the user
+        (``confirm(packages) -> bool``; default: a dialog) before ``slicer.packaging.pip_ensure`` (Slicer ≥ 5.12;
+        ``slicer.util.pip_install`` before) installs them. Outside Slicer nothing is installed: a missing package is
+        an error naming it.
+
+        Raises:
+            MAISSegmentError: a dependency is missing and was not installed (the message says what to do).
+        """
+        if self._dependencies_ok:
+            return
+        in_slicer = getattr(slicer, "app", None) is not None
+        self._ensure_torch(in_slicer)
+        missing = self.missing_requirements()
+        if missing:
+            packages = ", ".join(missing)
+            if not in_slicer:
+                raise MAISSegmentError(
+                    _("Missing Python packages: {packages}. Install them into this Python environment.").format(
+                        packages=packages
+                    )
+                )
+            if not (confirm or self._confirm_install)(missing):
+                raise MAISSegmentError(
+                    _("MAISSegment cannot run without these Python packages: {packages}.").format(packages=packages)
+                )
+            self._pip_install(missing)
+            still = self.missing_requirements()
+            if still:
+                raise MAISSegmentError(
+                    _("Installing {packages} did not succeed; see the Python console.").format(
+                        packages=", ".join(still)
+                    )
+                )
+        _add_library_path()
+        if importlib.util.find_spec("MAISSegmentLib") is None:
+            raise MAISSegmentError(_("MAISSegmentLib is missing from this installation; reinstall the extension."))
+        self._dependencies_ok = True
+
+    @staticmethod
+    def _confirm_install(packages: list[str]) -> bool:
+        text = _("MAISSegment needs these Python packages, which will be downloaded and installed now:") + "\n\n"
+        return bool(
+            slicer.util.confirmOkCancelDisplay(
+                text + "\n".join(f"• {p}" for p in packages), _("MAISSegment: install Python packages")
+            )
+        )
+
+    @staticmethod
+    def _pip_install(packages: list[str]) -> None:
+        """Install through ``slicer.packaging.pip_ensure`` (the user was asked already), else ``slicer.util``."""
+        packaging = getattr(slicer, "packaging", None)
+        ensure = getattr(packaging, "pip_ensure", None)
+        if ensure is not None:
+            wanted = {"prompt_install": False, "requester": MODULE_NAME}
+            try:
+                accepted = inspect.signature(ensure).parameters
+            except (TypeError, ValueError):
+                accepted = {}
+            ensure(list(packages), **{k: v for k, v in wanted.items() if k in accepted})
+        else:
+            slicer.util.pip_install(list(packages))
+
+    @staticmethod
+    def _ensure_torch(in_slicer: bool) -> None:
+        if in_slicer:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise MAISSegmentError(
+                    _(
+                        "MAISSegment needs the PyTorch extension: install 'PyTorch' from the Extensions Manager and "
+                        "restart Slicer."
+                    )
+                ) from None
+            torch_logic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torch_logic.torchInstalled():
+                logging.info("MAISSegment: PyTorch is required; installing it (this may take several minutes)")
+                if (
+                    torch_logic.installTorch(askConfirmation=True, torchVersionRequirement=f">={MIN_TORCH_VERSION}")
+                    is None
+                ):
+                    raise MAISSegmentError(_("PyTorch was not installed; MAISSegment cannot run without it."))
+            version = torch_logic.torch.__version__
+        else:
+            if importlib.util.find_spec("torch") is None:
+                raise MAISSegmentError(_("PyTorch is not installed in this Python environment (pip install torch)."))
+            import torch
+
+            version = torch.__version__
+        if _version_tuple(version) < _version_tuple(MIN_TORCH_VERSION):
+            raise MAISSegmentError(
+                _(
+                    "PyTorch {version} is too old; MAISSegment needs {minimum} or newer (PyTorch Utils module: "
+                    "install with the version requirement >={minimum})."
+                ).format(version=version, minimum=MIN_TORCH_VERSION)
+            )
+
+    # ---------------------------------------------------------------------------------------------- models
+    def available_models(self) -> list[ModelChoice]:
+        """Registered (``Resources/models.json``) and imported models, with whether their file is there."""
+        self.ensure_dependencies()
+        from MAISSegmentLib import weights
+
+        status_text = {
+            "bundled": _("built in"),
+            "cached": _("downloaded"),
+            "imported": _("imported"),
+            "not downloaded": _("not downloaded"),
+            "missing": _("file missing"),
+            "damaged": _("damaged"),
+        }
+        return [
+            ModelChoice(
+                e.id, f"{e.id} ({status_text.get(e.status, e.status)})", e.status in ("bundled", "cached", "imported")
+            )
+            for e in weights.list_models()
+        ]
+
+    def select_model(
+        self,
+        model_id: str | None = None,
+        checkpoint: str | None = None,
+        device: str | None = None,
+        trusted: bool | None = None,
+    ) -> None:
+        """Choose the network for the next clicks; it is loaded at first use (:meth:`ensure_model`).
+
+        Args:
+            model_id: a registered or imported id (``mais weights list``); "" = the registry's default.
+            checkpoint: a weight file instead of an id (SAM-Med3D or MAISSegment checkpoint).
+            device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+            trusted: allow unsafe unpickling of that file (only for files you trust).
+        """
+        if device is not None and device not in DEVICES and not device.startswith("cuda:"):
+            raise MAISSegmentError(_("Unknown device '{device}'.").format(device=device))
+        choice = dict(self._model_choice)
+        if model_id is not None:
+            choice["model_id"], choice["checkpoint"] = model_id, None
+        if checkpoint is not None:
+            choice["checkpoint"] = os.path.abspath(os.fspath(checkpoint))
+        if device is not None:
+            choice["device"] = device
+        if trusted is not None:
+            choice["trusted"] = bool(trusted)
+        if choice != self._model_choice:
+            self._model_choice = choice
+            if self._model_key == "given":  # a network given to use_model() is replaced by the new choice
+                self._model_key = None
+
+    def use_model(self, model: Any, label: str) -> None:
+        """Use an already built network (e.g. from ``MAISSegmentLib.build_model``) until :meth:`select_model`
+        chooses another one. Existing sessions are dropped (they continue from their stored states)."""
+        self._replace_model(model, "given", label)
+
+    def _replace_model(self, model: Any, key: Any, label: str) -> None:
+        if self._model is not None and model is not self._model:
+            for target in self._targets.values():  # states were stored after each change
+                target.session, target.undo, target.redo = None, [], []
+        self._model, self._model_key, self.model_label = model, key, label
+
+    def ensure_model(self) -> Any:
+        """The selected network, loaded if needed (worker thread is fine). Changing it drops the sessions: they are
+        rebuilt from their stored states (the clicks replayed with the new model) at the next point.
+
+        Raises:
+            MAISSegmentError: no model selected and no default registered. CheckpointError/WeightsError: the weight
+            file is missing or damaged (messages from MAISSegmentLib).
+        """
+        choice = dict(self._model_choice)
+        key = (choice["model_id"], choice["checkpoint"], choice["device"], choice["trusted"])
+        if self._model is not None and self._model_key in (key, "given"):
+            return self._model
+        self.ensure_dependencies()
+        from MAISSegmentLib import build_model, weights
+
+        path, label = choice["checkpoint"], choice["model_id"]
+        if path is None:
+            label = label or weights.default_model_id() or ""
+            if not label:
+                raise MAISSegmentError(
+                    _(
+                        "No model is selected and none is built in yet: import a weight file (e.g. "
+                        "sam_med3d_turbo.pth) with 'Import weights…' and select it."
+                    )
+                )
+            path = weights.resolve(label)
+        model = build_model(None, checkpoint=path, device=choice["device"], trusted=choice["trusted"])
+        self._replace_model(model, key, label or os.path.basename(os.fspath(path)))
+        return model
+
+    def import_weights(self, path: str, model_id: str | None = None) -> str:
+        """Copy a local weight file into the weight cache and register it (offline sites). Returns its model id."""
+        self.ensure_dependencies()
+        from MAISSegmentLib import weights
+
+        entry = weights.import_weights(path, id=model_id or None, trusted=self._model_choice["trusted"])
+        for note in entry.notes:
+            logging.info("MAISSegment: %s", note)
+        return entry.id
+
+    # ---------------------------------------------------------------------------------------------- point lists
+    @staticmethod
+    def _point_lists_in_scene(scene: Any) -> list[Any]:
+        nodes = scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode")
+        nodes.UnRegister(None)  # the collection is returned with a reference owned by the caller (as slicer.util does)
+        found = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+        return [n for n in found if n.GetAttribute(POINTS_ROLE_ATTRIBUTE) in ROLES]
+
+    def get_point_lists(self, segmentation_node: Any, segment_id: str, create: bool = True) -> tuple[Any, Any]:
+        """The include (+) and exclude (−) point lists of a segment, created (green and red) if missing.
+
+        The lists carry the attributes ``MAISSegment.Role`` / ``MAISSegment.SegmentID`` and a node reference to the
+        segmentation, so they are found again after the scene is saved and reloaded. The point lists of the other
+        segments are hidden.
+        """
+        self._check_segment(segmentation_node, segment_id)
+        scene = segmentation_node.GetScene()
+        lists: dict[str, Any] = {}
+        for node in self._point_lists_in_scene(scene):
+            mine = (
+                node.GetAttribute(POINTS_SEGMENT_ATTRIBUTE) == segment_id
+                and node.GetNodeReferenceID(POINTS_SEGMENTATION_REFERENCE) == segmentation_node.GetID()
+            )
+            if mine:
+                lists.setdefault(node.GetAttribute(POINTS_ROLE_ATTRIBUTE), node)
+            display = node.GetDisplayNode()
+            if display is not None:
+                display.SetVisibility(bool(mine))
+        if create:
+            segment_name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+            for role, color, sign in (("include", INCLUDE_COLOR, "+"), ("exclude", EXCLUDE_COLOR, "-")):
+                if role in lists:
+                    continue
+                name = (_("{segment} include points") if role == "include" else _("{segment} exclude points")).format(
+                    segment=segment_name
+                )
+                node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+                node.CreateDefaultDisplayNodes()
+                node.SetAttribute(POINTS_ROLE_ATTRIBUTE, role)
+                node.SetAttribute(POINTS_SEGMENT_ATTRIBUTE, segment_id)
+                node.SetNodeReferenceID(POINTS_SEGMENTATION_REFERENCE, segmentation_node.GetID())
+                node.SetMarkupLabelFormat(f"{sign}%d")
+                display = node.GetDisplayNode()
+                if display is not None:
+                    display.SetSelectedColor(*color)  # Slicer draws selected points (the default) in this colour
+                    display.SetColor(*color)
+                    if hasattr(display, "SetActiveColor"):
+                        display.SetActiveColor(*[min(1.0, c + 0.2) for c in color])
+                lists[role] = node
+        return lists.get("include"), lists.get("exclude")
+
+    @staticmethod
+    def selected_point(include_node: Any, exclude_node: Any) -> tuple[Any, int]:
+        """The point "Forget selected point" removes: ``(node, index)``, or ``(None, -1)`` if there is no point.
+
+        The point under the mouse (the display node's active control point), else the last-clicked of the points
+        selected in the point lists when not all of them are (Slicer selects new points), else the last click.
+        """
+        mb = _bridge()
+        nodes = [n for n in (include_node, exclude_node) if n is not None]
+        for node in nodes:
+            display = node.GetDisplayNode()
+            active = (
+                display.GetActiveControlPoint()
+                if display is not None and hasattr(display, "GetActiveControlPoint")
+                else -1
+            )
+            if 0 <= active < node.GetNumberOfControlPoints():
+                return node, active
+        points = [(node, i) for node in nodes for i in range(node.GetNumberOfControlPoints())]
+        if not points:
+            return None, -1
+        selected = [(node, i) for node, i in points if node.GetNthControlPointSelected(i)]
+        pool = selected if 0 < len(selected) < len(points) else points
+        order = {(node.GetID(), i): mb.click_order(node, i) for node, i in pool}
+        return max(pool, key=lambda p: -1 if order[(p[0].GetID(), p[1])] is None else order[(p[0].GetID(), p[1])])
+
+    # ---------------------------------------------------------------------------------------------- targets
+    @staticmethod
+    def _check_segment(segmentation_node: Any, segment_id: str) -> None:
+        if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
+            raise MAISSegmentError(_("Select a segmentation."))
+        if not segment_id or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+            raise MAISSegmentError(_("Select a segment of the segmentation (or add one)."))
+
+    def _target(self, segmentation_node: Any, segment_id: str, volume_node: Any, create: bool = True) -> _Target | None:
+        self._check_segment(segmentation_node, segment_id)
+        if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
+            raise MAISSegmentError(_("Select the volume to segment."))
+        key = (segmentation_node.GetID(), segment_id, volume_node.GetID())
+        target = self._targets.get(key)
+        if target is None and create:
+            target = _Target(segmentation_node.GetScene(), *key)
+            self._targets[key] = target
+        return target
+
+    def session(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> Any:
+        """The InteractiveSession of a segment on a volume, or None if it has none (yet)."""
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        return None if target is None else target.session
+
+    def can_undo(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> bool:
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        return bool(target and target.undo)
+
+    def can_redo(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> bool:
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        return bool(target and target.redo)
+
+    def clear(self) -> None:
+        """Forget every session (scene closed). Their states stay in the segments' tags."""
+        self._targets.clear()
+
+    def _node(self, target: _Target, node_id: str | None) -> Any:
+        return target.scene.GetNodeByID(node_id) if node_id else None
+
+    def _nodes(self, target: _Target) -> tuple[Any, Any]:
+        segmentation = self._node(target, target.segmentation_node_id)
+        volume = self._node(target, target.volume_node_id)
+        if segmentation is None or volume is None:
+            raise MAISSegmentError(_("The segmentation or the volume of this segment was removed from the scene."))
+        return segmentation, volume
+
+    def _overwrite_mode(self) -> str:
+        if self.segment_editor_node is not None:
+            return _bridge().overwrite_mode_from_editor_node(self.segment_editor_node)
+        if self.overwrite not in OVERWRITE_MODES:
+            raise MAISSegmentError(_("Unknown overwrite mode '{mode}'.").format(mode=self.overwrite))
+        return self.overwrite
+
+    # ---------------------------------------------------------------------------------------------- updates
+    def on_points_changed(
+        self,
+        segmentation_node: Any,
+        segment_id: str,
+        volume_node: Any,
+        include_node: Any,
+        exclude_node: Any,
+        use_memory: bool | None = None,
+        memory_size: int | None = None,
+    ) -> UpdateResult:
+        """Bring the segment up to date with its points (and memory settings); synchronous.
+
+        A new point is added as a click; a moved or deleted point (or a changed side) rebuilds the session from the
+        points, replaying its memory. The changed box is written into the segment with the masking settings, and the
+        change can be undone (:meth:`undo`). Points that cannot be clicks (outside the volume, an include point on a
+        protected voxel) are removed and reported in ``rejected``. The widget runs the three parts separately:
+        :meth:`prepare_update` and :meth:`apply_update` on the main thread, :meth:`compute_update` on its worker.
+
+        Args:
+            segmentation_node, segment_id: the segment to segment (binary labelmap, not locked).
+            volume_node: the scalar volume the network sees (its voxel grid is the mask's grid).
+            include_node, exclude_node: the point lists (``vtkMRMLMarkupsFiducialNode``; either may be None).
+            use_memory, memory_size: new memory settings to apply first (None: unchanged).
+        """
+        request = self.prepare_update(
+            segmentation_node, segment_id, volume_node, include_node, exclude_node, use_memory, memory_size
+        )
+        return self.apply_update(self.compute_update(request))
+
+    def prepare_update(
+        self,
+        segmentation_node: Any,
+        segment_id: str,
+        volume_node: Any,
+        include_node: Any,
+        exclude_node: Any,
+        use_memory: bool | None = None,
+        memory_size: int | None = None,
+    ) -> UpdateRequest:
+        """Read what an update needs from MRML (main thread): the points, and the volume when a session starts."""
+        self.ensure_dependencies()
+        mb = _bridge()
+        target = self._target(segmentation_node, segment_id, volume_node)
+        if mb.is_segment_locked(segmentation_node, segment_id):
+            raise MAISSegmentError(_("This segment is locked for MAISSegment; unlock it to segment it."))
+        target.include_node_id = include_node.GetID() if include_node is not None else None
+        target.exclude_node_id = exclude_node.GetID() if exclude_node is not None else None
+        options = None
+        if use_memory is not None or memory_size is not None:
+            options = (
+                self.use_memory if use_memory is None else bool(use_memory),
+                self.memory_size if memory_size is None else int(memory_size),
+            )
+            self.use_memory, self.memory_size = options
+        volume = state = None
+        if target.session is None:
+            volume = mb.volume_from_node(volume_node)
+            try:
+                state = mb.load_state(segmentation_node, segment_id)
+            except mb.BridgeError as exc:
+                logging.warning("MAISSegment: %s; starting a new session", exc)
+            if (
+                state is not None
+                and _state_fits(state, volume)
+                and mb.next_click_order(include_node, exclude_node) == 0
+            ):
+                # the point lists lost the stored clicks (e.g. only the .seg.nrrd was loaded): put them back first,
+                # so that points placed since count as new clicks instead of replacing the stored ones
+                _add_state_points(state, include_node, exclude_node)
+        request = UpdateRequest(target, mb.clicks_from_markups(include_node, exclude_node), options, volume=volume)
+        request.state = state
+        if target.session is None or self._protection_stamp(target) != target.protection_stamp:
+            # the other segments changed since the session's protected mask was made (or there is no session yet)
+            request.protected = mb.protected_mask(segmentation_node, segment_id, volume_node, self._overwrite_mode())
+        return request
+
+    def _new_session(self, model: Any, volume: Any, protected: Any, state: dict | None) -> Any:
+        """A session on ``volume``: replayed from ``state`` when it belongs to this image, else empty."""
+        from MAISSegmentLib.errors import ConfigError
+        from MAISSegmentLib.session import InteractiveSession, SessionOptions
+
+        if state is not None:
+            try:
+                return self._session_from_state(model, volume, state, protected)
+            except ConfigError as exc:
+                logging.warning("MAISSegment: the stored session cannot be continued (%s); starting a new one", exc)
+        options = SessionOptions(use_memory=self.use_memory and model.has_memory, memory_size=self.memory_size)
+        session = InteractiveSession(model, options)
+        session.set_image(volume, protected=protected)
+        return session
+
+    def _session_from_state(self, model: Any, volume: Any, state: dict, protected: Any) -> Any:
+        from MAISSegmentLib.session import InteractiveSession
+
+        report = getattr(model, "load_report", None)
+        current = (report.model_id if report is not None else None) or "unknown"
+        stored = state.get("model_id")
+        if stored not in (None, "unknown", current):
+            logging.warning(
+                "MAISSegment: the stored clicks were made with model %r; replaying them with %r", stored, current
+            )
+        return InteractiveSession.from_state(model, volume, state, protected=protected, check_model=False)
+
+    def compute_update(self, request: UpdateRequest) -> UpdateOutcome:
+        """Run the network for a prepared request. Touches neither MRML nor Qt: safe on the worker thread.
+
+        On an unexpected error the session is left as it was (its operations of this call are undone).
+        """
+        from MAISSegmentLib.errors import PromptError
+        from MAISSegmentLib.roi import Box
+
+        model = self.ensure_model()
+        target = request.target
+        t0 = time.perf_counter()
+        session = target.session
+        if session is None:
+            session = self._new_session(model, request.volume, request.protected, request.state)
+        encoder_runs = session.encoder_runs
+        box, steps, rejected, actions = Box.nothing(), 0, [], []
+        try:
+            existed = target.session is not None  # (a new session was made with request.protected)
+            if existed and request.protected is not None and not _same_mask(session.protected, request.protected):
+                box = box.union(session.set_protected(request.protected))  # other segments changed meanwhile
+                steps += 1
+            if request.options is not None:
+                use_memory = request.options[0] and session.model.has_memory
+                if (use_memory, request.options[1]) != (session.options.use_memory, session.options.memory_size):
+                    box = box.union(session.configure(use_memory=use_memory, memory_size=request.options[1]))
+                    steps += 1
+                    actions.append("configure")
+            plan = plan_update(session.clicks, request.clicks)
+            before = steps
+            if plan.kind == "add":
+                for ras, include in plan.clicks:
+                    try:
+                        box = box.union(session.add_click(ras, include))
+                        steps += 1
+                    except PromptError as exc:
+                        rejected.append(str(exc))
+            elif plan.kind in ("forget", "rebuild"):
+                try:
+                    changed = (
+                        session.forget(plan.index) if plan.kind == "forget" else _rebuild_session(session, plan.clicks)
+                    )
+                    box = box.union(changed)
+                    steps += 1
+                except PromptError as exc:
+                    rejected.append(str(exc))
+            if plan.kind != "none" and steps > before:
+                actions.append(plan.kind)
+        except BaseException:
+            for _step in range(steps):
+                session.undo()
+            raise
+        target.session = session
+        action = actions[-1] if actions else ("rejected" if rejected else "none")
+        return UpdateOutcome(
+            target, action, steps, box, time.perf_counter() - t0, session.encoder_runs - encoder_runs, rejected
+        )
+
+    def apply_update(self, outcome: UpdateOutcome) -> UpdateResult:
+        """Write a computed update into the segment (main thread), record it for undo, tidy the points, store the state.
+
+        If the write fails the session's operations are undone, the points are left as they are and the error is
+        raised (nothing was modified).
+        """
+        target = outcome.target
+        record = None
+        if outcome.steps:
+            try:
+                record = self._write(target, outcome.box)
+            except BaseException:
+                for _step in range(outcome.steps):
+                    target.session.undo()
+                raise
+            self._push(target, _Operation(outcome.steps, record, outcome.action))
+        self._sync_points(target)
+        self._store_state(target)
+        target.protection_stamp = self._protection_stamp(target)
+        return self._result(target, outcome.action, record, outcome.seconds, outcome.encoder_runs, outcome.rejected)
+
+    def _protection_stamp(self, target: _Target) -> tuple:
+        """What the session's protected mask depends on: the overwrite mode and, for every other segment, its
+        labelmap's and its own modification times (voxels, lock tag), plus visibility in "visible" mode. Cheap: no
+        voxel is read. Recorded after each change this logic makes, so only changes made elsewhere differ."""
+        segmentation_node, _volume = self._nodes(target)
+        segmentation = segmentation_node.GetSegmentation()
+        labelmap = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+        others = []
+        for n in range(segmentation.GetNumberOfSegments()):
+            segment_id = segmentation.GetNthSegmentID(n)
+            if segment_id == target.segment_id:
+                continue
+            segment = segmentation.GetSegment(segment_id)
+            layer = segment.GetRepresentation(labelmap)
+            others.append((segment_id, segment.GetMTime(), 0 if layer is None else layer.GetMTime()))
+        mode = self._overwrite_mode()
+        display = segmentation_node.GetDisplayNode()
+        visibility = display.GetMTime() if mode == "visible" and display is not None else 0
+        return (mode, visibility, tuple(others))
+
+    def _write(self, target: _Target, box: Any) -> Any:
+        mb = _bridge()
+        segmentation, volume = self._nodes(target)
+        editable = None
+        if self.segment_editor_node is not None:
+            editable = mb.editable_mask(segmentation, target.segment_id, volume, self.segment_editor_node)
+        return mb.write_mask(
+            segmentation,
+            target.segment_id,
+            volume,
+            target.session.mask,
+            box,
+            editable=editable,
+            overwrite=self._overwrite_mode(),
+        )
+
+    def _push(self, target: _Target, operation: _Operation) -> None:
+        """Record an operation; keep no more session steps than the session itself can undo."""
+        target.undo.append(operation)
+        target.redo.clear()
+        limit = target.session.options.undo_limit
+        while target.undo and sum(op.steps for op in target.undo) > limit:
+            target.undo.pop(0)
+
+    def _result(self, target: _Target, action: str, record: Any, seconds: float, encoder_runs: int, rejected=()):
+        session = target.session
+        result = UpdateResult(
+            action=action,
+            clicks=len(session.clicks) if session is not None else 0,
+            seconds=seconds,
+            rois=len(session.rois) if session is not None else 0,
+            encoder_runs=encoder_runs,
+            model=self.model_label,
+            box=None if record is None else record.box,
+            changed=bool(record is not None and record.changed),
+            rejected=list(rejected),
+        )
+        target.last = result
+        return result
+
+    def configure(
+        self, segmentation_node: Any, segment_id: str, volume_node: Any, use_memory: bool, memory_size: int
+    ) -> UpdateResult:
+        """Switch the memory on/off or change its size for this segment (the clicks are replayed; undoable)."""
+        target = self._target(segmentation_node, segment_id, volume_node)
+        include, exclude = self._node(target, target.include_node_id), self._node(target, target.exclude_node_id)
+        if include is None and exclude is None:
+            include, exclude = self.get_point_lists(segmentation_node, segment_id)
+        return self.on_points_changed(
+            segmentation_node, segment_id, volume_node, include, exclude, use_memory, memory_size
+        )
+
+    def forget_point(
+        self,
+        segmentation_node: Any,
+        segment_id: str,
+        volume_node: Any,
+        include_node: Any,
+        exclude_node: Any,
+        node: Any,
+        index: int,
+    ) -> UpdateResult:
+        """Remove control point ``index`` of ``node`` (one of the two lists) and recompute without it (undoable)."""
+        if node is None or not 0 <= index < node.GetNumberOfControlPoints():
+            raise MAISSegmentError(_("There is no such point to forget."))
+        node.RemoveNthControlPoint(index)
+        return self.on_points_changed(segmentation_node, segment_id, volume_node, include_node, exclude_node)
+
+    def reset(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> UpdateResult:
+        """Remove every point of the segment and what the network wrote for them (undoable)."""
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        if target is None or target.session is None or not target.session.clicks:
+            return UpdateResult("none", model=self.model_label)
+        box = target.session.reset()
+        try:
+            record = self._write(target, box)
+        except BaseException:
+            target.session.undo()
+            raise
+        self._push(target, _Operation(1, record, "reset"))
+        self._sync_points(target)
+        self._store_state(target)
+        target.protection_stamp = self._protection_stamp(target)
+        return self._result(target, "reset", record, 0.0, 0)
+
+    def undo(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> UpdateResult:
+        """Undo the last change of this segment: exact labelmaps (other segments too), session memory and points."""
+        return self._undo_redo(segmentation_node, segment_id, volume_node, redo=False)
+
+    def redo(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> UpdateResult:
+        """Redo the last undone change of this segment."""
+        return self._undo_redo(segmentation_node, segment_id, volume_node, redo=True)
+
+    def _undo_redo(self, segmentation_node: Any, segment_id: str, volume_node: Any, redo: bool) -> UpdateResult:
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        stack = None if target is None else (target.redo if redo else target.undo)
+        if not stack:
+            return UpdateResult("none", model=self.model_label)
+        mb = _bridge()
+        operation = stack[-1]
+        if operation.record is not None:  # MRML first: if the segment cannot be restored, nothing changes
+            (mb.redo_write if redo else mb.undo_write)(segmentation_node, operation.record)
+        stack.pop()
+        for _step in range(operation.steps):
+            target.session.redo() if redo else target.session.undo()
+        (target.undo if redo else target.redo).append(operation)
+        self._sync_points(target)
+        self._store_state(target)
+        target.protection_stamp = self._protection_stamp(target)
+        return self._result(target, "redo" if redo else "undo", operation.record, 0.0, 0)
+
+    # ---------------------------------------------------------------------------------------------- points <-> session
+    def _sync_points(self, target: _Target) -> None:
+        """Make the point lists show the session's clicks: click ``n`` is a point carrying ``mais:order=n``.
+
+        Points that match a click (same side, same position) are kept; a point carrying the order of a click that
+        moved is moved back; other points (refused, undone) are removed and missing clicks (redone) are added.
+        Points being placed (position not yet defined) are left alone.
+        """
+        mb = _bridge()
+        nodes = {True: self._node(target, target.include_node_id), False: self._node(target, target.exclude_node_id)}
+        if nodes[True] is None and nodes[False] is None:
+            return
+        clicks = [_click_pair(c) for c in target.session.clicks] if target.session is not None else []
+        defined = slicer.vtkMRMLMarkupsNode.PositionDefined
+        existing: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+        for side, node in nodes.items():
+            for i in range(node.GetNumberOfControlPoints() if node is not None else 0):
+                if node.GetNthControlPointPositionStatus(i) != defined:
+                    continue
+                position = [0.0, 0.0, 0.0]
+                node.GetNthControlPointPositionWorld(i, position)
+                existing[side].append(
+                    {"id": node.GetNthControlPointID(i), "ras": np.asarray(position), "order": mb.click_order(node, i)}
+                )
+        # control point IDs are unique within a point list only: points are keyed by (side, ID)
+        used: set[tuple[bool, str]] = set()
+        matched: dict[int, str] = {}  # click index -> ID of its point (on the click's side)
+        moved: dict[tuple[bool, str], tuple[float, float, float]] = {}
+        for n, (ras, include) in enumerate(clicks):
+            candidates = [
+                p
+                for p in existing[include]
+                if (include, p["id"]) not in used and np.max(np.abs(p["ras"] - np.asarray(ras))) <= SAME_POSITION_MM
+            ]
+            if candidates:
+                pick = next((p for p in candidates if p["order"] == n), candidates[0])
+                used.add((include, pick["id"]))
+                matched[n] = pick["id"]
+        for n, (ras, include) in enumerate(clicks):
+            if n in matched:
+                continue
+            pick = next((p for p in existing[include] if (include, p["id"]) not in used and p["order"] == n), None)
+            if pick is not None:
+                used.add((include, pick["id"]))
+                matched[n] = pick["id"]
+                moved[(include, pick["id"])] = ras
+        for side, node in nodes.items():
+            if node is None:
+                continue
+            modifying = node.StartModify()
+            try:
+                for point in existing[side]:
+                    if (side, point["id"]) not in used:
+                        node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(point["id"]))
+                for n, (ras, include) in enumerate(clicks):
+                    if include != side:
+                        continue
+                    if n not in matched:
+                        mb.add_click_point(node, ras, n)
+                        continue
+                    index = node.GetNthControlPointIndexByID(matched[n])
+                    if (side, matched[n]) in moved:
+                        node.SetNthControlPointPositionWorld(index, *moved[(side, matched[n])])
+                    if mb.click_order(node, index) != n:
+                        mb.set_click_order(node, index, n)
+            finally:
+                node.EndModify(modifying)
+
+    # ---------------------------------------------------------------------------------------------- scene state
+    def _store_state(self, target: _Target) -> None:
+        if target.session is None:
+            return
+        segmentation = self._node(target, target.segmentation_node_id)
+        if segmentation is None or segmentation.GetSegmentation().GetSegment(target.segment_id) is None:
+            return
+        _bridge().save_state(segmentation, target.segment_id, target.session.state())
+
+    def save_state_to_scene(self) -> int:
+        """Store every session's state (clicks, options, model id) in its segment's ``MAISSegment.State`` tag, saved
+        with the segmentation (``.seg.nrrd``, ``.mrb``). Done after each change anyway; the widget also calls it when
+        the scene is about to be saved. Returns the number of segments written."""
+        count = 0
+        for target in self._targets.values():
+            if target.session is not None:
+                self._store_state(target)
+                count += 1
+        return count
+
+    def restore_from_scene(
+        self,
+        segmentation_node: Any,
+        segment_id: str,
+        volume_node: Any,
+        include_node: Any = None,
+        exclude_node: Any = None,
+    ) -> UpdateResult:
+        """Rebuild the segment's session from its stored state (its clicks replayed: same mask, full memory), e.g.
+        after a scene was reloaded. The segment's voxels are not rewritten. The point lists (found or created when not
+        given) are made to show the restored clicks. Synchronous: it runs the network.
+
+        Raises:
+            MAISSegmentError: the segment has no stored state. ConfigError: the state belongs to another image.
+        """
+        mb = _bridge()
+        self.ensure_dependencies()
+        target = self._target(segmentation_node, segment_id, volume_node)
+        state = mb.load_state(segmentation_node, segment_id)
+        if state is None:
+            raise MAISSegmentError(_("This segment has no stored MAISSegment points to continue from."))
+        if include_node is None and exclude_node is None:
+            include_node, exclude_node = self.get_point_lists(segmentation_node, segment_id)
+        model = self.ensure_model()
+        t0 = time.perf_counter()
+        volume = mb.volume_from_node(volume_node)
+        protected = mb.protected_mask(segmentation_node, segment_id, volume_node, self._overwrite_mode())
+        target.session = self._session_from_state(model, volume, state, protected)
+        target.undo, target.redo = [], []
+        target.protection_stamp = self._protection_stamp(target)
+        target.include_node_id = include_node.GetID() if include_node is not None else None
+        target.exclude_node_id = exclude_node.GetID() if exclude_node is not None else None
+        self._sync_points(target)
+        return self._result(target, "restore", None, time.perf_counter() - t0, target.session.encoder_runs)
+
+    # ---------------------------------------------------------------------------------------------- status
+    def describe(self, result: UpdateResult | None) -> str:
+        """The status line for a result: what happened, the network time, ROIs, clicks and model."""
+        if result is None:
+            return ""
+        names = {
+            "add": _("Point added"),
+            "forget": _("Point removed"),
+            "rebuild": _("Recomputed from the points"),
+            "configure": _("Memory settings applied"),
+            "reset": _("Segment reset"),
+            "undo": _("Undone"),
+            "redo": _("Redone"),
+            "restore": _("Restored from the scene"),
+            "none": _("Up to date"),
+            "rejected": _("Point refused"),
+        }
+        text = _("{action} · {seconds:.2f} s · {rois} ROI(s) · {clicks} point(s) · model: {model}").format(
+            action=names.get(result.action, result.action),
+            seconds=result.seconds,
+            rois=result.rois,
+            clicks=result.clicks,
+            model=result.model or _("none"),
+        )
+        if result.encoder_runs:
+            text += " · " + _("{count} new ROI encoding(s)").format(count=result.encoder_runs)
+        if result.rejected:
+            text += "\n" + _("Refused: {reasons}").format(reasons="; ".join(result.rejected))
+        return text
+
+
+#
+# MAISSegmentWidget
+#
+
+
+class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The Qt layer: binds the .ui to the parameter node and forwards user actions to :class:`MAISSegmentLogic`.
+
+    The network runs on :class:`Worker` (one persistent thread); MRML and Qt are touched on the main thread only.
+    """
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._worker = None
+        self._pollTimer = None
+        self._busy = False
+        self._updatePending = False
+        self._configurePending = False  # a pending update must also apply the memory settings
+        self._ignorePointEvents = False
+        self._sceneGeneration = 0  # incremented when the scene closes: results computed before are dropped
+        self._observedPointNodes = []
+        self._shortcuts = []
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MAISSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MAISSegmentLogic()
+
+        self._worker = Worker()
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(30)
+        self._pollTimer.connect("timeout()", self._worker.deliver)
+        self._pollTimer.start()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartSaveEvent, self.onSceneStartSave)
+        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        self.addObserver(interactionNode, interactionNode.InteractionModeChangedEvent, self.onInteractionModeChanged)
+
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
+        self.ui.includeButton.connect("toggled(bool)", lambda checked: self.onPlaceToggled(True, checked))
+        self.ui.excludeButton.connect("toggled(bool)", lambda checked: self.onPlaceToggled(False, checked))
+        self.ui.undoButton.connect("clicked()", self.onUndo)
+        self.ui.redoButton.connect("clicked()", self.onRedo)
+        self.ui.forgetButton.connect("clicked()", self.onForgetPoint)
+        self.ui.resetButton.connect("clicked()", self.onResetSegment)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.refreshModelsButton.connect("clicked()", self.refreshModels)
+        self.ui.importWeightsButton.connect("clicked()", self.onImportWeights)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.useMemoryCheckBox.connect("toggled(bool)", self.onMemorySettingsChanged)
+        self.ui.memorySizeSpinBox.connect("valueChanged(int)", self.onMemorySettingsChanged)
+        self.ui.useEditorMaskingCheckBox.connect("toggled(bool)", self._updateGui)
+
+        descriptions = self.shortcutDescriptions()
+        tips = "\n".join(f"{key}: {descriptions[method]}" for key, method in SHORTCUTS)
+        self.ui.pointsCollapsibleButton.toolTip = _("Keyboard shortcuts while this module is shown:") + "\n" + tips
+        self.initializeParameterNode()
+
+    @staticmethod
+    def shortcutDescriptions() -> dict[str, str]:
+        return {
+            "onPlaceIncludeShortcut": _("place include (+) points"),
+            "onPlaceExcludeShortcut": _("place exclude (−) points"),
+            "onUndo": _("undo the last MAISSegment change"),
+            "onRedo": _("redo"),
+            "onForgetPoint": _("forget the selected point"),
+        }
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        self.removeObservers()
+        self._removeShortcuts()
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        if self._worker is not None:
+            self._worker.stop()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self._installShortcuts()
+        if self.logic.dependencies_present():
+            self.refreshModels()
+        else:
+            self._setStatus(_("PyTorch is installed when you place the first point (the PyTorch extension is used)."))
+
+    def exit(self) -> None:
+        self._removeShortcuts()
+        self._stopPlacing()
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._sceneGeneration += 1
+        self._stopPlacing()
+        self.setParameterNode(None)
+        self._observePointNodes([])
+        self.logic.clear()
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onSceneStartSave(self, caller, event) -> None:
+        self.logic.save_state_to_scene()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+        if not self._parameterNode.segmentation:
+            firstSegmentationNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+            if firstSegmentationNode:
+                self._parameterNode.segmentation = firstSegmentationNode
+
+    def setParameterNode(self, inputParameterNode: MAISSegmentParameterNode | None) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    # ------------------------------------------------------------------------------------------ state -> GUI
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        if self.ui.segmentSelector.currentNode() != p.segmentation:
+            self.ui.segmentSelector.setCurrentNode(p.segmentation)
+        if p.segmentation and p.segmentId and self.ui.segmentSelector.currentSegmentID() != p.segmentId:
+            self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
+        self._syncLogicSettings()
+        self._updatePointLists()
+        self._updateGui()
+
+    def _syncLogicSettings(self) -> None:
+        p = self._parameterNode
+        self.logic.use_memory, self.logic.memory_size = p.useMemory, p.memorySize
+        self.logic.overwrite = p.overwriteMode
+        editorNode = None
+        if p.useEditorMasking:
+            editorNode = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+        self.logic.segment_editor_node = editorNode
+        self.logic.select_model(model_id=p.modelId, device=p.device)
+
+    def _currentTarget(self):
+        """(segmentation, segment id, volume) when all three are selected, else None."""
+        p = self._parameterNode
+        if p is None or not p.segmentation or not p.inputVolume or not p.segmentId:
+            return None
+        if p.segmentation.GetSegmentation().GetSegment(p.segmentId) is None:
+            return None
+        return p.segmentation, p.segmentId, p.inputVolume
+
+    def _updatePointLists(self) -> None:
+        target = self._currentTarget()
+        if target is None:
+            self._observePointNodes([])
+            return
+        segmentation, segmentId, _volume = target
+        include, exclude = self.logic.get_point_lists(segmentation, segmentId)
+        if self._parameterNode.includePoints != include:
+            self._parameterNode.includePoints = include
+        if self._parameterNode.excludePoints != exclude:
+            self._parameterNode.excludePoints = exclude
+        self._observePointNodes([include, exclude])
+
+    def _observePointNodes(self, nodes) -> None:
+        if [n for n in nodes] == self._observedPointNodes:
+            return
+        events = (
+            slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+            slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent,
+            slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
+        )
+        for node in self._observedPointNodes:
+            for event in events:
+                self.removeObserver(node, event, self.onPointsModified)
+        self._observedPointNodes = [n for n in nodes if n is not None]
+        for node in self._observedPointNodes:
+            for event in events:
+                self.addObserver(node, event, self.onPointsModified)
+
+    def _updateGui(self, *args) -> None:
+        target = self._currentTarget()
+        ready = target is not None and not self._busy
+        for button in (self.ui.includeButton, self.ui.excludeButton, self.ui.forgetButton, self.ui.resetButton):
+            button.enabled = ready
+        self.ui.undoButton.enabled = ready and self.logic.can_undo(*target)
+        self.ui.redoButton.enabled = ready and self.logic.can_redo(*target)
+        self.ui.overwriteComboBox.enabled = not self.ui.useEditorMaskingCheckBox.checked
+
+    def _setStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+
+    # ------------------------------------------------------------------------------------------ user actions
+    def onSegmentChanged(self, segmentId) -> None:
+        if self._parameterNode is not None and self._parameterNode.segmentId != segmentId:
+            self._parameterNode.segmentId = segmentId or ""
+
+    def _ensureDependencies(self) -> bool:
+        """Install/check torch and the other packages (dialogs: main thread). False if they are not there."""
+        try:
+            self.logic.ensure_dependencies()
+        except Exception as exc:
+            slicer.util.errorDisplay(_("MAISSegment cannot start.") + "\n\n" + str(exc))
+            return False
+        if self.ui.modelComboBox.count == 0:
+            self.refreshModels()
+        return True
+
+    def onPlaceToggled(self, include: bool, checked: bool) -> None:
+        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        if not checked:
+            if not (self.ui.includeButton.checked or self.ui.excludeButton.checked):
+                interactionNode.SwitchToViewTransformMode()
+            return
+        other = self.ui.excludeButton if include else self.ui.includeButton
+        wasBlocked = other.blockSignals(True)
+        other.checked = False
+        other.blockSignals(wasBlocked)
+        if self._currentTarget() is None or not self._ensureDependencies():
+            button = self.ui.includeButton if include else self.ui.excludeButton
+            button.checked = False
+            return
+        node = self._parameterNode.includePoints if include else self._parameterNode.excludePoints
+        selectionNode = slicer.app.applicationLogic().GetSelectionNode()
+        selectionNode.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
+        selectionNode.SetActivePlaceNodeID(node.GetID())
+        interactionNode.SetPlaceModePersistence(1)
+        interactionNode.SetCurrentInteractionMode(interactionNode.Place)
+
+    def onPlaceIncludeShortcut(self) -> None:
+        self.ui.includeButton.checked = not self.ui.includeButton.checked
+
+    def onPlaceExcludeShortcut(self) -> None:
+        self.ui.excludeButton.checked = not self.ui.excludeButton.checked
+
+    def _stopPlacing(self) -> None:
+        for button in (self.ui.includeButton, self.ui.excludeButton):
+            if button.checked:
+                button.checked = False
+
+    def onInteractionModeChanged(self, caller, event) -> None:
+        if caller.GetCurrentInteractionMode() != caller.Place:
+            for button in (self.ui.includeButton, self.ui.excludeButton):
+                wasBlocked = button.blockSignals(True)
+                button.checked = False
+                button.blockSignals(wasBlocked)
+
+    def onPointsModified(self, caller=None, event=None) -> None:
+        if not self._ignorePointEvents:
+            self.requestUpdate()
+
+    def onMemorySettingsChanged(self, *args) -> None:
+        if self._currentTarget() is not None and self.logic.session(*self._currentTarget()) is not None:
+            self.requestUpdate(configure=True)
+
+    def requestUpdate(self, configure: bool = False) -> None:
+        """Recompute the segment from its points, on the worker; requests made while it is busy are coalesced."""
+        if self._busy:
+            self._updatePending = True
+            self._configurePending = self._configurePending or configure
+            return
+        target = self._currentTarget()
+        if target is None:
+            return
+        segmentation, segmentId, volume = target
+        p = self._parameterNode
+        self._syncLogicSettings()
+        with slicer.util.tryWithErrorDisplay(_("Cannot update the segment."), waitCursor=True):
+            self.logic.ensure_dependencies()
+            memory = (self.ui.useMemoryCheckBox.checked, self.ui.memorySizeSpinBox.value) if configure else (None, None)
+            request = self.logic.prepare_update(
+                segmentation, segmentId, volume, p.includePoints, p.excludePoints, *memory
+            )
+            self._busy = True
+            self._setStatus(_("Computing…"))
+            self._updateGui()
+            generation = self._sceneGeneration
+            self._worker.submit(
+                lambda: self.logic.compute_update(request),
+                lambda outcome, error: self._onComputed(outcome, error, generation),
+            )
+
+    def _onComputed(self, outcome, error, generation) -> None:
+        self._busy = False
+        if generation != self._sceneGeneration:  # the scene was closed meanwhile: nothing to write into
+            self._updatePending = self._configurePending = False
+            return
+        try:
+            if error is not None:
+                raise error
+            self._ignorePointEvents = True
+            try:
+                result = self.logic.apply_update(outcome)
+            finally:
+                self._ignorePointEvents = False
+            self._setStatus(self.logic.describe(result))
+            if result.rejected:
+                slicer.util.warningDisplay(_("Point refused:") + "\n" + "\n".join(result.rejected))
+        except Exception as exc:
+            self._setStatus(_("Failed: {error}").format(error=exc))
+            slicer.util.errorDisplay(_("Segmentation failed.") + "\n\n" + str(exc))
+        finally:
+            self._updateGui()
+            if self._updatePending:
+                configure, self._updatePending, self._configurePending = self._configurePending, False, False
+                self.requestUpdate(configure=configure)
+
+    def _runQuickAction(self, message: str, action) -> None:
+        """Run a quick logic action (undo, redo, reset: no network) with the point observers muted."""
+        target = self._currentTarget()
+        if target is None or self._busy:
+            return
+        with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+            self._ignorePointEvents = True
+            try:
+                result = action(*target)
+            finally:
+                self._ignorePointEvents = False
+            self._setStatus(self.logic.describe(result))
+            self._updateGui()
+
+    def onUndo(self) -> None:
+        self._runQuickAction(_("Undo failed."), self.logic.undo)
+
+    def onRedo(self) -> None:
+        self._runQuickAction(_("Redo failed."), self.logic.redo)
+
+    def onResetSegment(self) -> None:
+        self._runQuickAction(_("Reset failed."), self.logic.reset)
+
+    def onForgetPoint(self) -> None:
+        """Remove the selected point; the point-removed event recomputes the segment without it (on the worker)."""
+        if self._currentTarget() is None or self._busy:
+            return
+        node, index = self.logic.selected_point(self._parameterNode.includePoints, self._parameterNode.excludePoints)
+        if node is None:
+            self._setStatus(_("There is no point to forget."))
+            return
+        node.RemoveNthControlPoint(index)
+
+    # ------------------------------------------------------------------------------------------ model
+    def refreshModels(self) -> None:
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        try:
+            combo.clear()
+            try:
+                for choice in self.logic.available_models():
+                    combo.addItem(choice.label, choice.id)
+            except Exception as exc:  # e.g. a damaged user_models.json: say so, keep the module usable
+                self._setStatus(_("Cannot list the models: {error}").format(error=exc))
+            wanted = self._parameterNode.modelId if self._parameterNode else ""
+            index = combo.findData(wanted) if wanted else -1
+            combo.currentIndex = index if index >= 0 else (0 if combo.count else -1)
+        finally:
+            combo.blockSignals(wasBlocked)
+        self.onModelSelected()
+
+    def onModelSelected(self, *args) -> None:
+        if self._parameterNode is None or self.ui.modelComboBox.currentIndex < 0:
+            return
+        modelId = self.ui.modelComboBox.currentData or ""
+        if self._parameterNode.modelId != modelId:
+            self._parameterNode.modelId = modelId
+        self.logic.select_model(model_id=modelId, device=self._parameterNode.device)
+
+    def onDeviceChanged(self, *args) -> None:
+        if self._parameterNode is not None:
+            self.logic.select_model(device=self._parameterNode.device)
+
+    def onImportWeights(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(),
+            _("Import model weights"),
+            "",
+            _("PyTorch checkpoints (*.pth *.pt *.ckpt);;All files (*)"),
+        )
+        if not path or not self._ensureDependencies() or self._busy:
+            return
+        self._busy = True
+        self._setStatus(_("Checking and importing {file}…").format(file=os.path.basename(path)))
+        self._updateGui()
+        self._worker.submit(lambda: self.logic.import_weights(path), self._onImported)
+
+    def _onImported(self, modelId, error) -> None:
+        self._busy = False
+        self._updateGui()
+        if error is not None:
+            self._setStatus(_("Import failed: {error}").format(error=error))
+            slicer.util.errorDisplay(_("The weight file cannot be used.") + "\n\n" + str(error))
+            return
+        self._parameterNode.modelId = modelId
+        self.refreshModels()
+        self._setStatus(_("Model '{model}' imported and selected.").format(model=modelId))
+
+    # ------------------------------------------------------------------------------------------ shortcuts
+    def _installShortcuts(self) -> None:
+        self._removeShortcuts()
+        mainWindow = slicer.util.mainWindow()
+        if mainWindow is None:
+            return
+        for key, method in SHORTCUTS:
+            shortcut = qt.QShortcut(qt.QKeySequence(key), mainWindow)
+            shortcut.connect("activated()", getattr(self, method))
+            self._shortcuts.append(shortcut)
+
+    def _removeShortcuts(self) -> None:
+        for shortcut in self._shortcuts:
+            shortcut.disconnect("activated()")
+            shortcut.setParent(None)
+        self._shortcuts = []
+
+
+#
+# MAISSegmentTest
+#
+
+
+def _test_checkpoint() -> str | None:
+    """The tiny reference checkpoint of the repository's tests, when the source tree is there (or
+    ``$MAISSEGMENT_TEST_CHECKPOINT``); None: the tests use a seeded random ``sam-med3d-tiny`` network."""
+    path = os.environ.get("MAISSEGMENT_TEST_CHECKPOINT")
+    if path:
+        return path
+    for folder in (os.path.dirname(MODULE_DIR), os.path.dirname(os.path.dirname(MODULE_DIR))):
+        candidate = os.path.join(folder, "Testing", "fixtures", "sammed3d_tiny", "ref_tiny.pth")
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+class MAISSegmentTest(ScriptedLoadableModuleTest):
+    """In-Slicer tests of the logic (``Testing/test_slicer_module.py`` runs them headless on slicer-core too).
+
+    The scene: a small oblique, anisotropic volume (LPS-like axis flips, 0.7 × 0.9 × 2 mm) with a bright ball, and a
+    segmentation with a ``target`` segment and an ``other`` segment overlapping the ball's side.
+    """
+
+    SHAPE = (40, 50, 60)  # K, J, I
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        for test in (
+            self.test_points_update_undo_redo,
+            self.test_neighbours_untouched_and_memory_kept_per_segment,
+            self.test_state_restored_from_scene,
+        ):
+            self.setUp()
+            test()
+
+    # -------------------------------------------------------------------------------- scene and logic
+    @staticmethod
+    def affine() -> np.ndarray:
+        """IJK -> RAS of the test volume: rotated 27° about (1, 2, 3), I and J flipped, 0.7 × 0.9 × 2 mm."""
+        axis = np.array([1.0, 2.0, 3.0]) / np.linalg.norm([1.0, 2.0, 3.0])
+        angle = np.deg2rad(27.0)
+        k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+        rotation = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+        affine = np.eye(4)
+        affine[:3, :3] = rotation @ np.diag([-1.0, -1.0, 1.0]) @ np.diag([0.7, 0.9, 2.0])
+        affine[:3, 3] = [18.0, -12.5, -35.0]
+        return affine
+
+    @classmethod
+    def ras(cls, ijk) -> list[float]:
+        """RAS (mm) of a voxel index (i, j, k) of the test volume."""
+        return (cls.affine() @ np.array([*ijk, 1.0]))[:3].tolist()
+
+    @classmethod
+    def make_scene(cls):
+        """(volume, segmentation, {"target": id, "other": id}) in ``slicer.mrmlScene``."""
+        k, j, i = np.indices(cls.SHAPE)
+        ball = (i - 30) ** 2 + (j - 25) ** 2 + (4 * (k - 20)) ** 2 < 12**2
+        noise = np.random.default_rng(0).integers(0, 20, cls.SHAPE)
+        image = (np.where(ball, 400, 40) + noise).astype(np.int16)
+        volume = slicer.util.addVolumeFromArray(image, cls.affine(), "ball")
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        ids = {name: segmentation.GetSegmentation().AddEmptySegment(name, name) for name in ("target", "other")}
+        other = np.zeros(cls.SHAPE, np.uint8)
+        other[18:22, 20:32, 36:46] = 1  # overlaps the ball's side
+        slicer.util.updateSegmentBinaryLabelmapFromArray(other, segmentation, ids["other"], volume)
+        return volume, segmentation, ids
+
+    @staticmethod
+    def make_logic() -> MAISSegmentLogic:
+        """A logic on the CPU with the tests' tiny checkpoint (else a seeded random tiny network)."""
+        logic = MAISSegmentLogic()
+        checkpoint = _test_checkpoint()
+        if checkpoint is None:
+            logic.ensure_dependencies()
+            import torch
+
+            from MAISSegmentLib import build_model
+
+            torch.manual_seed(0)
+            logic.use_model(build_model("sam-med3d-tiny"), "sam-med3d-tiny (random weights)")
+        else:
+            logic.select_model(checkpoint=checkpoint, device="cpu")
+        return logic
+
+    @staticmethod
+    def segment_array(segmentation, segment_id, volume) -> np.ndarray:
+        """The segment on the volume's grid as Slicer exports it: bool KJI."""
+        return slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
+
+    @staticmethod
+    def place(node, ras) -> None:
+        """Place a control point at world RAS ``ras`` as the user does (no click order yet)."""
+        node.AddControlPointWorld(vtk.vtkVector3d(*ras))
+
+    # -------------------------------------------------------------------------------- tests
+    def test_points_update_undo_redo(self):
+        self.delayDisplay(_("Points update the segment; undo and redo restore it exactly"))
+        volume, segmentation, ids = self.make_scene()
+        target = (segmentation, ids["target"], volume)
+        logic = self.make_logic()
+        include, exclude = logic.get_point_lists(segmentation, ids["target"])
+        snapshots, counts = [self.segment_array(*target)], [0]
+
+        def step(action):
+            self.assertEqual(logic.on_points_changed(*target, include, exclude).action, action)
+            snapshots.append(self.segment_array(*target))
+            counts.append(include.GetNumberOfControlPoints() + exclude.GetNumberOfControlPoints())
+
+        self.place(include, self.ras((30, 25, 20)))
+        step("add")
+        self.place(exclude, self.ras((8, 8, 8)))
+        step("add")
+        self.assertTrue(snapshots[-1].any())
+        self.assertTrue(np.array_equal(snapshots[-1], logic.session(*target).mask > 0))
+        exclude.SetNthControlPointPositionWorld(0, *self.ras((10, 8, 8)))
+        step("rebuild")
+        exclude.RemoveNthControlPoint(0)
+        step("forget")
+        for expected, count in zip(reversed(snapshots[:-1]), reversed(counts[:-1])):
+            self.assertEqual(logic.undo(*target).action, "undo")
+            self.assertTrue(np.array_equal(self.segment_array(*target), expected))
+            self.assertEqual(include.GetNumberOfControlPoints() + exclude.GetNumberOfControlPoints(), count)
+        self.assertEqual(logic.undo(*target).action, "none")
+        for expected, count in zip(snapshots[1:], counts[1:]):
+            self.assertEqual(logic.redo(*target).action, "redo")
+            self.assertTrue(np.array_equal(self.segment_array(*target), expected))
+            self.assertEqual(include.GetNumberOfControlPoints() + exclude.GetNumberOfControlPoints(), count)
+        self.delayDisplay(_("Test passed"))
+
+    def test_neighbours_untouched_and_memory_kept_per_segment(self):
+        self.delayDisplay(_("Other segments stay untouched; each segment keeps its memory"))
+        volume, segmentation, ids = self.make_scene()
+        logic = self.make_logic()
+        lists = {name: logic.get_point_lists(segmentation, sid) for name, sid in ids.items()}
+        for name, ijk in (("target", (30, 25, 20)), ("other", (40, 26, 20)), ("target", (26, 22, 19))):
+            other_name = "other" if name == "target" else "target"
+            before = self.segment_array(segmentation, ids[other_name], volume)
+            self.place(lists[name][0], self.ras(ijk))
+            logic.on_points_changed(segmentation, ids[name], volume, *lists[name])
+            self.assertTrue(np.array_equal(self.segment_array(segmentation, ids[other_name], volume), before))
+        self.assertEqual(len(logic.session(segmentation, ids["target"], volume).clicks), 2)
+        self.assertEqual(len(logic.session(segmentation, ids["other"], volume).clicks), 1)
+        target = self.segment_array(segmentation, ids["target"], volume)
+        self.assertTrue(target.any())
+        self.assertFalse(np.any(target & self.segment_array(segmentation, ids["other"], volume)))
+        self.delayDisplay(_("Test passed"))
+
+    def test_state_restored_from_scene(self):
+        self.delayDisplay(_("A new logic continues from the state stored in the scene"))
+        volume, segmentation, ids = self.make_scene()
+        target = (segmentation, ids["target"], volume)
+        logic = self.make_logic()
+        include, exclude = logic.get_point_lists(segmentation, ids["target"])
+        self.place(include, self.ras((30, 25, 20)))
+        logic.on_points_changed(*target, include, exclude)
+        logic.save_state_to_scene()
+        restored = self.make_logic()
+        self.assertEqual(restored.restore_from_scene(*target, include, exclude).clicks, 1)
+        self.place(exclude, self.ras((8, 8, 8)))
+        logic.on_points_changed(*target, include, exclude)  # the uninterrupted session
+        expected = logic.session(*target).mask.copy()
+        self.assertEqual(restored.on_points_changed(*target, include, exclude).action, "add")
+        self.assertTrue(np.array_equal(restored.session(*target).mask, expected))
+        self.delayDisplay(_("Test passed"))

@@ -1,0 +1,657 @@
+"""The Slicer module (MAISSegment/): static checks of its files, then its logic driven headless.
+
+(a) Static, without importing Slicer: the ``.ui`` has every widget the code uses and binds only parameter-node fields
+of matching types; no heavy import at module level; user-visible strings are wrapped in ``_()``; CMake files, catalog
+entry, requirements and icon are what Slicer's extension build expects.
+(b) The module file imported with stand-ins for what slicer-core lacks (``Testing/slicer_module_stubs.py``) and
+``MAISSegmentLogic`` driven with real MRML nodes (``Testing/slicer_headless.py``) and the tiny reference checkpoint.
+The Qt widget is the one layer not run here (no Slicer application).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import struct
+import sys
+import threading
+import time
+import types
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from slicer_headless import HAVE_SLICER, SKIP_REASON, mrml_fixture  # noqa: F401  (provides the "mrml" fixture)
+
+from conftest import TESTING, TINY
+
+ROOT = TESTING.parent
+MODULE_DIR = ROOT / "MAISSegment"
+MODULE_FILE = MODULE_DIR / "MAISSegment.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "MAISSegment.ui"
+ICON_FILE = MODULE_DIR / "Resources" / "Icons" / "MAISSegment.png"
+REQUIREMENTS = ROOT / "Resources" / "requirements.txt"
+CATALOG = ROOT / "MAISSegment.json"
+
+# imported at module level they would slow Slicer's start-up or fail before the dependency check
+HEAVY = {"torch", "MAISSegmentLib", "scipy", "SimpleITK", "matplotlib", "PyTorchUtils", "monai", "sitkUtils"}
+# calls whose text argument the user reads
+USER_FACING_CALLS = {
+    "errorDisplay",
+    "warningDisplay",
+    "infoDisplay",
+    "messageBox",
+    "confirmOkCancelDisplay",
+    "confirmYesNoDisplay",
+    "tryWithErrorDisplay",
+    "delayDisplay",
+    "_setStatus",
+    "MAISSegmentError",
+    "PromptError",
+    "showStatusMessage",
+}
+USER_FACING_ATTRIBUTES = {"title", "helpText", "acknowledgementText", "text", "toolTip", "windowTitle"}
+NEUTRAL_TEXT = re.compile(r"^[\s\W]*$")  # separators such as "\n", " · ", "• "
+
+
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+
+
+def ui_widgets() -> dict[str, ET.Element]:
+    root = ET.parse(UI_FILE).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def widget_property(widget: ET.Element, name: str) -> str | None:
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            text = prop.find("string")
+            return None if text is None else text.text
+    return None
+
+
+def parameter_fields() -> dict[str, str]:
+    """Field name -> annotation source of MAISSegmentParameterNode."""
+    tree = module_tree()
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MAISSegmentParameterNode")
+    return {
+        n.target.id: ast.unparse(n.annotation)
+        for n in cls.body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    }
+
+
+# ================================================================================================ (a) static checks
+def test_ui_has_every_widget_the_code_uses_once():
+    tree = module_tree()
+    used = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "ui"
+        and isinstance(node.value.value, ast.Name)
+        and node.value.value.id == "self"
+    }
+    root = ET.parse(UI_FILE).getroot()
+    names = [w.get("name") for w in root.iter("widget")]
+    assert len(names) == len(set(names)), "duplicate objectName in the .ui"
+    assert used, "the widget uses no self.ui.<name>?"
+    assert used <= set(names), f"missing from MAISSegment.ui: {sorted(used - set(names))}"
+    # every non-Qt class used in the .ui is declared as a custom widget (Designer/loadUI need the header)
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    custom = {w.get("class") for w in root.iter("widget") if not w.get("class").startswith("Q")}
+    assert custom <= declared, sorted(custom - declared)
+
+
+def test_ui_binds_only_parameter_node_fields_of_matching_types():
+    fields = parameter_fields()
+    bound = {}
+    for name, widget in ui_widgets().items():
+        parameter = widget_property(widget, "SlicerParameterName")
+        if parameter is not None:
+            assert parameter in fields, f"{name} binds {parameter!r}, not a MAISSegmentParameterNode field"
+            bound[parameter] = widget.get("class")
+    assert set(bound) >= {"inputVolume", "segmentation", "device", "useMemory", "memorySize", "overwriteMode"}
+    for parameter, widget_class in bound.items():
+        annotation = fields[parameter]
+        expected = {  # what Slicer's parameterNodeWrapper GUI connectors accept
+            "qMRMLNodeComboBox": annotation.startswith("vtkMRML"),
+            "QComboBox": "Choice(" in annotation,  # QComboBoxToStringableConnector needs the Choice annotation
+            "QCheckBox": annotation == "bool",
+            "QSpinBox": annotation == "int" or annotation.startswith("Annotated[int"),
+        }
+        assert expected.get(widget_class, False), f"{parameter}: {widget_class} cannot show {annotation}"
+    # the combo boxes filled at run time must not be bound (the Choice connector would replace their items)
+    assert widget_property(ui_widgets()["modelComboBox"], "SlicerParameterName") is None
+
+
+def test_no_heavy_import_at_module_level():
+    """Only function bodies may import torch, MAISSegmentLib...: the module loads at Slicer start-up."""
+    offenders = []
+
+    def visit(statements):
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue  # imported at first use
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders.extend(f"line {node.lineno}: {n}" for n in names if n.split(".")[0] in HEAVY)
+            for child in ("body", "orelse", "finalbody", "handlers"):
+                visit(getattr(node, child, []) or [])
+
+    visit(module_tree().body)
+    assert not offenders, offenders
+
+
+def _is_tr_call(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("_", "translate")
+
+
+def _untranslated_literals(expression: ast.AST) -> list[str]:
+    """String literals of ``expression`` outside ``_()``/``translate()`` that hold words."""
+    found = []
+
+    def visit(node):
+        if _is_tr_call(node):
+            return
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if not NEUTRAL_TEXT.match(node.value):
+                found.append(node.value)
+            return
+        if isinstance(node, ast.JoinedStr):
+            literal = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
+            if not NEUTRAL_TEXT.match(literal):
+                found.append(ast.unparse(node))
+            return
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(expression)
+    return found
+
+
+def test_user_visible_strings_are_translatable():
+    tree = module_tree()
+    problems = []
+    for node in ast.walk(tree):
+        if _is_tr_call(node) and node.func.id == "_":
+            # the extractor needs one plain literal: _("...").format(...), never _(f"...") or _(variable)
+            ok = len(node.args) == 1 and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+            if not ok:
+                problems.append(f"line {node.lineno}: _() needs one string literal: {ast.unparse(node)}")
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in USER_FACING_CALLS:
+                for arg in [*node.args, *(k.value for k in node.keywords)]:
+                    problems += [f"line {node.lineno}: {name}({text!r})" for text in _untranslated_literals(arg)]
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Attribute) and target.attr in USER_FACING_ATTRIBUTES:
+                    problems += [
+                        f"line {node.lineno}: .{target.attr} = {t!r}" for t in _untranslated_literals(node.value)
+                    ]
+        if (
+            isinstance(node, ast.AugAssign)
+            and isinstance(node.target, ast.Attribute)
+            and node.target.attr in USER_FACING_ATTRIBUTES
+        ):
+            problems += [f"line {node.lineno}: += {t!r}" for t in _untranslated_literals(node.value)]
+    assert not problems, "\n".join(problems)
+
+
+def test_cmake_lists_declare_the_extension_and_package_the_library():
+    top = (ROOT / "CMakeLists.txt").read_text()
+    for needed in (
+        "project(MAISSegment)",
+        'set(EXTENSION_CATEGORY "Segmentation")',
+        'set(EXTENSION_DEPENDS "PyTorch")',
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_ICONURL",
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        "add_subdirectory(MAISSegment)",
+        "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+        "include(${Slicer_EXTENSION_CPACK})",
+    ):
+        assert needed in top, needed
+    lib_call = re.search(r"ctkMacroCompilePythonScript\((.*?)\)\n", top, re.S)
+    assert lib_call and "NO_INSTALL_SUBDIR" in lib_call.group(1) and "MAISSegmentLib" in lib_call.group(1)
+    assert "MAISSegmentLib/*.py" in top  # every file of the package, also ones added later
+    for resource in re.findall(r"^\s+(Resources/\S+)$", top, re.M):
+        assert (ROOT / resource).is_file(), resource
+    assert {"Resources/models.json", "Resources/requirements.txt"} <= set(re.findall(r"Resources/\S+", top))
+
+    module = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert re.search(r"set\(MODULE_NAME MAISSegment\)", module)
+    macro = re.search(r"slicerMacroBuildScriptedModule\((.*?)\)", module, re.S).group(1)
+    assert "NAME ${MODULE_NAME}" in macro and "WITH_GENERIC_TESTS" in macro
+    listed = [
+        f.replace("${MODULE_NAME}", "MAISSegment") for f in re.findall(r"^\s+(\S+\.(?:py|png|ui))$", module, re.M)
+    ]
+    assert set(listed) == {"MAISSegment.py", "Resources/Icons/MAISSegment.png", "Resources/UI/MAISSegment.ui"}
+    assert all((MODULE_DIR / f).is_file() for f in listed)
+    assert re.search(
+        r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\).*endif", module, re.S
+    )
+
+
+def test_catalog_entry_follows_schema_v1_0_2():
+    entry = json.loads(CATALOG.read_text())
+    allowed = {
+        "$schema",
+        "category",
+        "scm_url",
+        "scm_revision",
+        "scm_type",
+        "build_dependencies",
+        "dicom_support_rule",
+        "build_subdirectory",
+        "enabled",
+        "tier",
+    }
+    assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
+    assert entry["category"] == "Segmentation"
+    assert entry["build_dependencies"] == ["PyTorch"]
+    assert isinstance(entry["tier"], int) and 1 <= entry["tier"] <= 5
+    assert entry["scm_url"].startswith("https://") and isinstance(entry.get("scm_revision", ""), str)
+    homepage = re.search(r'EXTENSION_HOMEPAGE "([^"]+)"', (ROOT / "CMakeLists.txt").read_text()).group(1)
+    assert entry["scm_url"].removesuffix(".git") == homepage
+
+
+def test_requirements_list_only_what_pip_may_install_into_slicer():
+    from packaging.requirements import Requirement
+
+    lines = [ln.strip() for ln in REQUIREMENTS.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    names = {Requirement(line).name.lower() for line in lines}  # each line is a valid PEP 508 requirement
+    # torch comes from the PyTorch extension; numpy and SimpleITK are Slicer's own builds
+    assert not names & {"torch", "numpy", "simpleitk"}, names
+
+
+def test_icon_is_a_small_128px_png():
+    data = ICON_FILE.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert struct.unpack(">II", data[16:24]) == (128, 128)
+    assert len(data) < 20_000
+
+
+# ================================================================================================ (b) the module
+@pytest.fixture(scope="module")
+def module():
+    """MAISSegment.py imported with the stand-ins (restored afterwards)."""
+    if not HAVE_SLICER:
+        pytest.skip(SKIP_REASON)
+    import slicer_module_stubs as stubs
+
+    with stubs.installed():
+        loaded = stubs.load_module_file(MODULE_FILE)
+        try:
+            yield loaded
+        finally:
+            sys.modules.pop(loaded.__name__, None)
+
+
+def test_module_description_parameters_and_library_constants(module):
+    from MAISSegmentLib import mrml_bridge
+    from MAISSegmentLib.devices import DEVICE_CHOICES
+
+    parent = types.SimpleNamespace()
+    module.MAISSegment(parent)
+    assert parent.title and parent.categories == ["Segmentation"] and parent.helpText and parent.contributors
+    assert module.DEVICES == DEVICE_CHOICES and module.OVERWRITE_MODES == mrml_bridge.OVERWRITE_MODES
+    params = module.MAISSegmentParameterNode(None)
+    assert (params.device, params.useMemory, params.memorySize, params.overwriteMode) == ("auto", True, 60, "none")
+    assert set(parameter_fields()) == set(module.MAISSegmentParameterNode.allParameters)
+    for name in ("torch", "MAISSegmentLib.session", "MAISSegmentLib.checkpoint"):
+        assert name not in vars(module)
+
+
+OLD = [((0.0, 0.0, 0.0), True), ((5.0, 0.0, 0.0), False), ((9.0, 1.0, 0.0), True)]
+
+
+@pytest.mark.parametrize(
+    ("new", "kind", "index", "clicks"),
+    [
+        (OLD, "none", -1, 0),
+        ([*OLD, ((1.0, 2.0, 3.0), False)], "add", -1, 1),
+        ([*OLD, ((1.0, 2.0, 3.0), False), ((4.0, 2.0, 3.0), True)], "add", -1, 2),
+        ([OLD[0], OLD[2]], "forget", 1, 0),
+        (OLD[:2], "forget", 2, 0),
+        ([((0.5, 0.0, 0.0), True), *OLD[1:]], "rebuild", -1, 3),  # a point moved
+        ([OLD[0], ((5.0, 0.0, 0.0), True), OLD[2]], "rebuild", -1, 3),  # changed side
+        ([OLD[0]], "rebuild", -1, 1),  # two removed at once
+        ([], "rebuild", -1, 0),
+        ([((0.0004, 0.0, 0.0), True), *OLD[1:]], "none", -1, 0),  # within the tolerance
+    ],
+)
+def test_plan_update(module, new, kind, index, clicks):
+    plan = module.plan_update(OLD, [(np.asarray(r), inc) for r, inc in new])
+    assert (plan.kind, plan.index, len(plan.clicks)) == (kind, index, clicks)
+
+
+def test_worker_runs_jobs_on_one_thread_and_delivers_on_the_caller(module):
+    worker = module.Worker()
+    try:
+        seen, delivered = [], []
+        for n in range(3):
+            worker.submit(
+                lambda n=n: (seen.append(threading.get_ident()), n * n)[1], lambda r, e: delivered.append((r, e))
+            )
+        worker.submit(lambda: 1 / 0, lambda r, e: delivered.append((r, type(e))))
+        worker.submit(lambda: None, lambda r, e: 1 / 0)  # a failing callback does not stop the others
+        worker.submit(lambda: "last", lambda r, e: delivered.append((r, threading.get_ident())))
+        deadline = time.time() + 10
+        while worker.pending and time.time() < deadline:
+            worker.deliver()
+            time.sleep(0.01)
+        assert worker.pending == 0
+        assert len(set(seen)) == 1 and seen[0] == worker.thread_id != threading.get_ident()
+        assert delivered == [
+            (0, None),
+            (1, None),
+            (4, None),
+            (None, ZeroDivisionError),
+            ("last", threading.get_ident()),
+        ]
+    finally:
+        worker.stop()
+
+
+def test_dependencies_are_listed_before_anything_is_installed(module, monkeypatch, tmp_path):
+    """Inside Slicer (simulated): torch through PyTorchUtils, then the missing packages shown, then pip_ensure."""
+    import slicer
+
+    logic = module.MAISSegmentLogic()
+    assert logic.missing_requirements() == []  # this environment has everything Resources/requirements.txt lists
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# comment\nscipy>=1.0\nmaissegment-no-such-package>=1.0  # never installed\n")
+    logic.requirements_file = str(requirements)
+    assert logic.missing_requirements() == ["maissegment-no-such-package>=1.0"]
+    with pytest.raises(module.MAISSegmentError, match="maissegment-no-such-package"):
+        logic.ensure_dependencies()  # outside Slicer: nothing is installed, the package is named
+
+    calls = []
+    torch_logic = types.SimpleNamespace(
+        torchInstalled=lambda: False,
+        installTorch=lambda **kw: calls.append(("installTorch", kw)) or types.SimpleNamespace(__version__="2.6.0"),
+        torch=types.SimpleNamespace(__version__="2.6.0+cu124"),
+    )
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=lambda: torch_logic))
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(), raising=False)
+
+    def pip_ensure(requirements, constraints=None, prompt_install=True, requester=None):
+        calls.append(("pip_ensure", list(requirements), prompt_install, requester))
+
+    monkeypatch.setattr(slicer, "packaging", types.SimpleNamespace(pip_ensure=pip_ensure), raising=False)
+    with pytest.raises(module.MAISSegmentError, match="cannot run without"):
+        logic.ensure_dependencies(confirm=lambda packages: calls.append(("asked", packages)) and False)
+    assert calls == [
+        ("installTorch", {"askConfirmation": True, "torchVersionRequirement": ">=2.5"}),
+        ("asked", ["maissegment-no-such-package>=1.0"]),
+    ]
+    calls.clear()
+    with pytest.raises(module.MAISSegmentError, match="did not succeed"):  # the fake pip_ensure installs nothing
+        logic.ensure_dependencies(confirm=lambda packages: calls.append(("asked", packages)) or True)
+    assert calls[1:] == [
+        ("asked", ["maissegment-no-such-package>=1.0"]),
+        ("pip_ensure", ["maissegment-no-such-package>=1.0"], False, "MAISSegment"),
+    ]
+    torch_logic.torch.__version__ = "2.1.0"
+    torch_logic.torchInstalled = lambda: True
+    with pytest.raises(module.MAISSegmentError, match="too old"):
+        logic.ensure_dependencies()
+    monkeypatch.delitem(sys.modules, "PyTorchUtils")
+    with pytest.raises(module.MAISSegmentError, match="PyTorch extension"):
+        logic.ensure_dependencies()
+
+
+# ------------------------------------------------------------------------------------------------ logic on MRML
+@pytest.fixture()
+def scene(mrml, module):
+    """The in-Slicer test's scene (oblique anisotropic volume, target + other segments) and a logic with the tiny
+    checkpoint loaded through select_model(checkpoint=...)."""
+    volume, segmentation, ids = module.MAISSegmentTest.make_scene()
+    logic = module.MAISSegmentTest.make_logic()
+    assert logic._model_choice["checkpoint"] == str(TINY / "ref_tiny.pth")  # the repository's fixture
+    return types.SimpleNamespace(volume=volume, seg=segmentation, ids=ids, logic=logic, T=module.MAISSegmentTest)
+
+
+def arrays(s) -> dict[str, np.ndarray]:
+    return {name: s.T.segment_array(s.seg, sid, s.volume) for name, sid in s.ids.items()}
+
+
+def point_clicks(include, exclude, decimals: int | None = 6) -> list[tuple[tuple[float, ...], bool]]:
+    """The clicks the point lists hold, in order (rounded for comparisons; ``decimals=None``: exact)."""
+    from MAISSegmentLib import mrml_bridge as mb
+
+    clicks = mb.clicks_from_markups(include, exclude)
+    return [(tuple(r if decimals is None else np.round(r, decimals)), inc) for r, inc in clicks]
+
+
+def reference_mask(s, clicks, segment="target", overwrite="none") -> np.ndarray:
+    """An InteractiveSession run directly on the volume (no logic, no markups): the expected mask."""
+    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib.session import InteractiveSession
+
+    session = InteractiveSession(s.logic.ensure_model())
+    session.set_image(
+        mb.volume_from_node(s.volume), protected=mb.protected_mask(s.seg, s.ids[segment], s.volume, overwrite)
+    )
+    for ras, include in clicks:
+        session.add_click(ras, include)
+    return session.mask > 0
+
+
+def test_points_on_an_oblique_volume_update_the_segment_where_the_session_puts_them(scene):
+    s = scene
+    target = (s.seg, s.ids["target"], s.volume)
+    include, exclude = s.logic.get_point_lists(s.seg, s.ids["target"])
+    assert (
+        include.GetAttribute("MAISSegment.Role") == "include" and exclude.GetAttribute("MAISSegment.Role") == "exclude"
+    )
+    colors = [tuple(n.GetDisplayNode().GetSelectedColor()) for n in (include, exclude)]
+    assert colors[0] != colors[1]
+    assert s.logic.get_point_lists(s.seg, s.ids["target"]) == (include, exclude)  # found again, not re-created
+    other_before = arrays(s)["other"]
+    s.T.place(include, s.T.ras((30, 25, 20)))
+    result = s.logic.on_points_changed(*target, include, exclude)
+    assert (result.action, result.clicks, result.rois, result.encoder_runs) == ("add", 1, 1, 1)
+    s.T.place(exclude, s.T.ras((8, 8, 8)))
+    result = s.logic.on_points_changed(*target, include, exclude)
+    assert (result.action, result.clicks, result.encoder_runs) == ("add", 2, 0)
+    session = s.logic.session(*target)
+    expected_ras = [tuple(np.round(s.T.ras(ijk), 6)) for ijk in ((30, 25, 20), (8, 8, 8))]
+    assert [tuple(np.round(c.ras, 6)) for c in session.clicks] == expected_ras
+    assert [include.GetNthControlPointDescription(0), exclude.GetNthControlPointDescription(0)] == [
+        "mais:order=0",
+        "mais:order=1",
+    ]
+    after = arrays(s)
+    assert after["target"].any() and np.array_equal(after["target"], session.mask > 0)
+    assert np.array_equal(after["other"], other_before) and not (after["target"] & after["other"]).any()
+    assert "2 point(s)" in s.logic.describe(result) and "ref_tiny.pth" in s.logic.describe(result)
+    # a moved point: the session is rebuilt from the points, as a fresh session with those clicks would be
+    include.SetNthControlPointPositionWorld(0, *s.T.ras((28, 24, 20)))
+    result = s.logic.on_points_changed(*target, include, exclude)
+    assert (result.action, result.clicks, result.encoder_runs) == ("rebuild", 2, 1)  # the first click placed the ROI
+    assert np.array_equal(arrays(s)["target"], reference_mask(s, point_clicks(include, exclude, None)))
+    assert s.logic.on_points_changed(*target, include, exclude).action == "none"
+
+
+def test_undo_redo_restore_exact_labelmaps_of_every_segment(scene):
+    """Overwrite "all" (the other segment gives up voxels), memory settings and reset: all undone and redone exactly,
+    points included."""
+    s = scene
+    s.logic.overwrite = "all"
+    target = (s.seg, s.ids["target"], s.volume)
+    include, exclude = s.logic.get_point_lists(s.seg, s.ids["target"])
+    states = [(arrays(s), point_clicks(include, exclude))]
+    s.T.place(include, s.T.ras((36, 26, 20)))
+    assert s.logic.on_points_changed(*target, include, exclude).action == "add"
+    states.append((arrays(s), point_clicks(include, exclude)))
+    taken = states[0][0]["other"] & states[1][0]["target"]
+    assert taken.any(), "the click should take voxels of the other segment"
+    assert np.array_equal(states[1][0]["other"], states[0][0]["other"] & ~taken)
+    result = s.logic.configure(*target, use_memory=False, memory_size=60)
+    assert result.action == "configure" and not s.logic.session(*target).options.use_memory
+    states.append((arrays(s), point_clicks(include, exclude)))
+    assert s.logic.reset(*target).action == "reset"
+    states.append((arrays(s), point_clicks(include, exclude)))
+    assert not states[-1][0]["target"].any() and states[-1][1] == []
+    for expected, clicks in reversed(states[:-1]):
+        assert s.logic.undo(*target).action == "undo"
+        now = arrays(s)
+        assert all(np.array_equal(now[k], expected[k]) for k in expected) and point_clicks(include, exclude) == clicks
+    assert s.logic.session(*target).options.use_memory and not s.logic.can_undo(*target)
+    for expected, clicks in states[1:]:
+        assert s.logic.redo(*target).action == "redo"
+        now = arrays(s)
+        assert all(np.array_equal(now[k], expected[k]) for k in expected) and point_clicks(include, exclude) == clicks
+    assert not s.logic.can_redo(*target)
+
+
+def test_segment_editor_masking_settings_are_honoured(scene, mrml):
+    """With a Segment Editor node: its editable intensity range limits the write, its overwrite mode is used."""
+    import slicer
+
+    s = scene
+    editor = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.SetSourceVolumeIntensityMask(True)
+    editor.SetSourceVolumeIntensityMaskRange(300.0, 1000.0)  # the ball (about 400), not the background (about 50)
+    editor.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    s.logic.overwrite = "all"  # ignored while the editor node is used
+    s.logic.segment_editor_node = editor
+    target = (s.seg, s.ids["target"], s.volume)
+    include, exclude = s.logic.get_point_lists(*target[:2])
+    before = arrays(s)
+    s.T.place(include, s.T.ras((30, 25, 20)))
+    assert s.logic.on_points_changed(*target, include, exclude).action == "add"
+    after = arrays(s)
+    bright = slicer.util.arrayFromVolume(s.volume) >= 300
+    session_mask = s.logic.session(*target).mask > 0
+    assert after["target"].any() and np.array_equal(after["target"], session_mask & bright)
+    assert np.array_equal(after["other"], before["other"])  # "none" from the editor node, not the logic's "all"
+
+
+def test_refused_points_and_locked_segments_change_nothing(scene, module):
+    from MAISSegmentLib import mrml_bridge as mb
+
+    s = scene
+    target = (s.seg, s.ids["target"], s.volume)
+    include, exclude = s.logic.get_point_lists(s.seg, s.ids["target"])
+    before = arrays(s)
+    s.T.place(include, s.T.ras((40, 25, 20)))  # on the other segment, which overwrite "none" protects
+    s.T.place(exclude, s.T.ras((30, 25, 400)))  # outside the volume
+    result = s.logic.on_points_changed(*target, include, exclude)
+    assert result.action == "rejected" and len(result.rejected) == 2
+    assert include.GetNumberOfControlPoints() == exclude.GetNumberOfControlPoints() == 0  # the points were removed
+    assert all(np.array_equal(arrays(s)[k], before[k]) for k in before)
+    assert "Refused" in s.logic.describe(result)
+    mb.set_segment_locked(s.seg, s.ids["target"])
+    s.T.place(include, s.T.ras((30, 25, 20)))
+    with pytest.raises(module.MAISSegmentError, match="locked"):
+        s.logic.on_points_changed(*target, include, exclude)
+    assert include.GetNumberOfControlPoints() == 1 and all(np.array_equal(arrays(s)[k], before[k]) for k in before)
+
+
+def test_switching_segments_and_back_keeps_each_memory(scene):
+    s = scene
+    lists = {name: s.logic.get_point_lists(s.seg, sid) for name, sid in s.ids.items()}
+    include, exclude = 0, 1
+    for name, side, ijk in (
+        ("target", include, (30, 25, 20)),
+        ("other", include, (40, 26, 20)),
+        ("target", exclude, (8, 8, 8)),
+    ):
+        s.T.place(lists[name][side], s.T.ras(ijk))
+        s.logic.on_points_changed(s.seg, s.ids[name], s.volume, *lists[name])
+    # the other segment's points are hidden while the target's are shown (the last get_point_lists call shows "other")
+    s.logic.get_point_lists(s.seg, s.ids["target"])
+    assert [n.GetDisplayNode().GetVisibility() for n in (*lists["target"], *lists["other"])] == [1, 1, 0, 0]
+    session = s.logic.session(s.seg, s.ids["target"], s.volume)
+    assert len(session.clicks) == 2 and session.encoder_runs == 1  # the same session, its ROI embedding reused
+    expected = reference_mask(s, point_clicks(*lists["target"], decimals=None))
+    assert np.array_equal(session.mask > 0, expected)
+
+
+def test_state_in_segment_tags_survives_seg_nrrd_and_a_new_logic_continues(scene, tmp_path, module, mrml):
+    import slicer
+
+    from MAISSegmentLib import mrml_bridge as mb
+
+    s = scene
+    target = (s.seg, s.ids["target"], s.volume)
+    include, exclude = s.logic.get_point_lists(*target[:2])
+    s.T.place(include, s.T.ras((30, 25, 20)))
+    s.logic.on_points_changed(*target, include, exclude)
+    assert s.logic.save_state_to_scene() == 1
+    # "reload": write the segmentation to .seg.nrrd and read it into a new node (the points are not in that file)
+    path = tmp_path / "saved.seg.nrrd"
+    writer = slicer.vtkMRMLSegmentationStorageNode()
+    writer.SetFileName(str(path))
+    assert writer.WriteData(s.seg)
+    reloaded = s.volume.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    reader.SetFileName(str(path))
+    assert reader.ReadData(reloaded)
+    rid = reloaded.GetSegmentation().GetSegmentIdBySegmentName("target")
+    assert mb.load_state(reloaded, rid)["clicks"] == mb.load_state(s.seg, s.ids["target"])["clicks"]
+    # a new logic restores the session (the point lists are re-created from the state) and continues
+    logic2 = module.MAISSegmentTest.make_logic()
+    restored = logic2.restore_from_scene(reloaded, rid, s.volume)
+    assert (restored.action, restored.clicks, restored.encoder_runs) == ("restore", 1, 1)
+    include2, exclude2 = logic2.get_point_lists(reloaded, rid, create=False)
+    assert point_clicks(include2, exclude2) == point_clicks(include, exclude)
+    s.T.place(exclude, s.T.ras((8, 8, 8)))
+    s.T.place(exclude2, s.T.ras((8, 8, 8)))
+    s.logic.on_points_changed(*target, include, exclude)  # the uninterrupted session
+    assert logic2.on_points_changed(reloaded, rid, s.volume, include2, exclude2).action == "add"
+    uninterrupted = s.logic.session(*target).mask
+    assert np.array_equal(logic2.session(reloaded, rid, s.volume).mask, uninterrupted)
+    assert np.array_equal(s.T.segment_array(reloaded, rid, s.volume), s.T.segment_array(*target))
+    # a third logic picks the stored state up by itself at the next change of the points (nothing to recompute)
+    logic3 = module.MAISSegmentTest.make_logic()
+    result = logic3.on_points_changed(reloaded, rid, s.volume, include2, exclude2)
+    assert (result.action, result.clicks) == ("none", 2)
+    assert np.array_equal(logic3.session(reloaded, rid, s.volume).mask, uninterrupted)
+    # point lists that lost the stored clicks (new, empty ones): the clicks are put back, the new point comes after
+    logic4 = module.MAISSegmentTest.make_logic()
+    include4, exclude4 = mrml.add_points("include 4"), mrml.add_points("exclude 4")
+    s.T.place(include4, s.T.ras((33, 28, 21)))
+    result = logic4.on_points_changed(reloaded, rid, s.volume, include4, exclude4)
+    assert (result.action, result.clicks) == ("add", 3)
+    assert point_clicks(include4, exclude4)[:2] == point_clicks(include2, exclude2)
+
+
+def test_selected_point_rules(mrml, module):
+    from MAISSegmentLib import mrml_bridge as mb
+
+    logic = module.MAISSegmentLogic()
+    include, exclude = mrml.add_points("include"), mrml.add_points("exclude")
+    assert logic.selected_point(include, exclude) == (None, -1)
+    for order, (node, ras) in enumerate(((include, (0, 0, 0)), (exclude, (1, 0, 0)), (include, (2, 0, 0)))):
+        mb.add_click_point(node, ras, order)
+    node, index = logic.selected_point(include, exclude)  # all selected (Slicer's default): the last click
+    assert node is include and index == 1
+    for n in range(2):
+        include.SetNthControlPointSelected(n, False)
+    node, index = logic.selected_point(include, exclude)  # the only selected point
+    assert node is exclude and index == 0
+    include.GetDisplayNode().SetActiveControlPoint(0)  # the point under the mouse wins
+    assert logic.selected_point(include, exclude) == (include, 0)
+
+
+@pytest.mark.slow
+def test_the_in_slicer_test_case_passes_headless(mrml, module):
+    """MAISSegmentTest (what Slicer runs: ctest / Reload and Test) on slicer-core."""
+    import unittest
+
+    suite = unittest.TestSuite([module.MAISSegmentTest("runTest")])
+    outcome = unittest.TextTestRunner(verbosity=0).run(suite)
+    assert outcome.wasSuccessful(), outcome.failures + outcome.errors
