@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-.venv/bin/ruff check MAISSegmentLib Testing
-.venv/bin/ruff format --check MAISSegmentLib Testing
+.venv/bin/ruff check MAISSegmentLib MAISSegment Testing
+.venv/bin/ruff format --check MAISSegmentLib MAISSegment Testing
 .venv/bin/python -m pytest Testing "$@"
