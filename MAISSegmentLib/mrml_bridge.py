@@ -51,7 +51,7 @@ from vtk.util import numpy_support
 
 from .errors import MAISError
 from .roi import Box
-from .volume import Volume
+from .volume import Volume, as_point3
 
 __all__ = [
     "LOCKED_TAG",
@@ -216,12 +216,7 @@ def add_click_point(markups_node: Any, ras: Sequence[float], order: int, label: 
     Raises:
         BridgeError: ``ras`` is not three finite numbers, or Slicer refused the point (e.g. a full point list).
     """
-    try:
-        point = np.asarray(ras, dtype=np.float64).reshape(3)
-    except (TypeError, ValueError):
-        raise BridgeError(f"a click needs three RAS coordinates, got {ras!r}") from None
-    if not np.all(np.isfinite(point)):
-        raise BridgeError(f"click coordinates must be finite numbers, got {point.tolist()}")
+    point = as_point3(ras, BridgeError, "a click (RAS mm)")
     index = markups_node.AddControlPointWorld(vtk.vtkVector3d(*point), label or "")
     if index < 0:
         raise BridgeError(

@@ -38,7 +38,7 @@ from .memory import MemoryBank
 from .model.mais import MAISModel
 from .roi import Box, Roi, positive_roi_range, roi_logits_on_grid, sample_roi
 from .sysinfo import check_fits_in_memory
-from .volume import Volume
+from .volume import Volume, as_point3
 
 STATE_FORMAT = "maissegment-session"
 STATE_VERSION = 1
@@ -407,12 +407,7 @@ class InteractiveSession:
             raise PromptError(f"space must be 'ras' or 'ijk', got {space!r}")
         if not isinstance(include, (bool, np.bool_)):
             raise PromptError(f"include must be True or False, got {include!r}")
-        try:
-            p = np.asarray(point, dtype=np.float64).reshape(3)
-        except (TypeError, ValueError):
-            raise PromptError(f"a click needs 3 coordinates, got {point!r}") from None
-        if not np.all(np.isfinite(p)):
-            raise PromptError(f"click coordinates must be finite numbers, got {p.tolist()}")
+        p = as_point3(point, PromptError)
         ras = self.image.ijk_to_ras_points(p[None])[0] if space == "ijk" else p
         ijk = self.image.ras_to_ijk_points(ras[None])[0]
         n = np.asarray(self.image.shape_ijk)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -207,7 +206,7 @@ def _episode(
         soft_target = F.adaptive_avg_pool3d(target[None, None].float(), cfg.loss_size)[0, 0]
     points, labels = [], []
     prev, pred = None, None
-    window_loss, total, last_dice = 0.0, 0.0, 0.0
+    window_loss, total = 0.0, 0.0
     n = cfg.episode_clicks
     for t in range(n):
         point, label = simulate_click(target, pred, gen)
@@ -479,10 +478,6 @@ def _progress(step: int, total: int, loss: float, dice: float, rate: float) -> N
         f"dice {dice:.3f} {rate:.2f} ep/s eta {eta / 60:.0f} min "
     )
     sys.stderr.flush()
-
-
-def config_json(cfg: TrainConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=1)
 
 
 __all__ = ["Sample", "TrainConfig", "crop_sample", "dice_loss", "run_episode", "simulate_click", "train"]

@@ -218,3 +218,14 @@ def _apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     if p.shape[-1:] != (3,):
         raise ValueError(f"points must have shape (N, 3) or (3,), got {p.shape}")
     return p @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def as_point3(value: object, error: type[Exception], what: str = "a click") -> np.ndarray:
+    """``value`` as a finite ``(3,)`` float64 point, else ``error`` with a message naming ``what``."""
+    try:
+        point = np.asarray(value, dtype=np.float64).reshape(3)
+    except (TypeError, ValueError):
+        raise error(f"{what} needs 3 coordinates, got {value!r}") from None
+    if not np.all(np.isfinite(point)):
+        raise error(f"{what} coordinates must be finite numbers, got {point.tolist()}")
+    return point
