@@ -7,6 +7,7 @@ shows the traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,7 +90,6 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    import json
     import time
 
     from .checkpoint import build_model
@@ -162,7 +162,6 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
 
     from .checkpoint import build_model
     from .data import list_targets, load_cases
@@ -450,6 +449,18 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--replace", action="store_true", help="replace another file already imported under this id")
     q.add_argument("--trust-checkpoint", action="store_true", help="allow unsafe unpickling of this file")
     q.set_defaults(func=_cmd_weights_import)
+    q = wsub.add_parser(
+        "export",
+        help="release a training checkpoint: weights only (no optimizer state), stored as float16 by default",
+    )
+    q.add_argument("checkpoint", help="training checkpoint (e.g. runs/NAME/last.pth)")
+    q.add_argument("--out", required=True, help="release file to write (replaced atomically)")
+    q.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"), help="storage precision")
+    q.add_argument("--id", default=None, help="model id (default: the checkpoint's)")
+    q.add_argument("--version", default=None, help="model version (default: the checkpoint's)")
+    q.add_argument("--provenance", default=None, help="JSON file whose entries are merged into the provenance")
+    q.add_argument("--trust-checkpoint", action="store_true", help="allow unsafe unpickling of the checkpoint")
+    q.set_defaults(func=_cmd_weights_export)
     q = wsub.add_parser("path", help="print the verified path of a model's weight file")
     q.add_argument("id", help="model id")
     q.set_defaults(func=_cmd_weights_path)
@@ -514,6 +525,33 @@ def _cmd_weights_import(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     print(f"imported {entry.id} ({entry.format}, {entry.preset or 'custom layout'}, SHA-256 {entry.local_sha256})")
     print(entry.path)
+    return 0
+
+
+def _cmd_weights_export(args: argparse.Namespace) -> int:
+    from .checkpoint import export_release
+
+    extra = None
+    if args.provenance:
+        try:
+            extra = json.loads(Path(args.provenance).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PromptError(f"--provenance {args.provenance} cannot be read as JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise PromptError(f"--provenance {args.provenance} must hold a JSON object")
+    info = export_release(
+        args.checkpoint,
+        args.out,
+        dtype=args.dtype,
+        model_id=args.id,
+        version=args.version,
+        provenance=extra,
+        trusted=args.trust_checkpoint,
+    )
+    print(
+        f"wrote {info['path']}: {info['parameters']:,} weights as {info['dtype']}, {info['size_bytes']:,} bytes\n"
+        f"file SHA-256 {info['file_sha256']} (the registry's 'sha256' and 'size_bytes')"
+    )
     return 0
 
 

@@ -396,3 +396,77 @@ def test_cli_model_option_and_default(tmp_path, monkeypatch):
     assert (tmp_path / "b.nii.gz").exists()
     proc = mais("finetune", "--manifest", str(tmp_path / "none.json"), "--model", "nope", "--out", str(tmp_path / "f"))
     assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
+
+
+def test_export_release_drops_training_state_halves_the_file_and_predicts_the_same(tmp_path):
+    """`mais weights export`: a training checkpoint (weights + AdamW state) becomes a float16 release file that
+    loads into the float32 network, keeps id/version/provenance (merged with --provenance), and whose file
+    SHA-256 printed for the registry is what `resolve` then verifies."""
+    import torch
+
+    model = build_model("sam-med3d-tiny")
+    opt = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():  # give AdamW real moments, as a training checkpoint has
+        p.grad = torch.randn_like(p)
+    opt.step()
+    train_ckpt = tmp_path / "last.pth"
+    save_checkpoint(
+        model, train_ckpt, "tiny-test", "0.1.0", provenance={"steps": 5}, extra={"optimizer": opt.state_dict()}
+    )
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"test_split": {"dice@10": 0.5}}))
+    out = tmp_path / "release" / "tiny.pth"
+    out.parent.mkdir()
+    run = mais("weights", "export", str(train_ckpt), "--out", str(out), "--provenance", str(card))
+    assert run.returncode == 0, run.stderr
+    printed = run.stdout
+    digest = sha(out.read_bytes())
+    assert digest in printed and f"{out.stat().st_size:,} bytes" in printed
+    assert out.stat().st_size < 0.4 * train_ckpt.stat().st_size  # no optimizer state, half-precision weights
+
+    loaded = build_model(None, checkpoint=out)
+    rep = loaded.load_report
+    assert (rep.model_id, rep.version) == ("tiny-test", "0.1.0")
+    assert rep.provenance == {"steps": 5, "test_split": {"dice@10": 0.5}}
+    raw = torch.load(out, weights_only=True)
+    assert raw["storage_dtype"] == "float16" and "optimizer" not in raw
+    assert all(v.dtype == torch.float16 for v in raw["state_dict"].values() if v.is_floating_point())
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert b.dtype == a.dtype  # the network stays float32
+        torch.testing.assert_close(b, a.half().to(a.dtype), rtol=0, atol=0, msg=k)
+
+    torch.manual_seed(0)
+    n = model.cfg.image_encoder.img_size
+    img = torch.randn(1, 1, n, n, n)
+    with torch.no_grad():
+        a = model.image_encoder(img)
+        b = loaded.image_encoder(img)
+    assert (a - b).abs().max() < 2e-2 * a.abs().max()  # fp16 rounding of the weights only
+
+    reg = tmp_path / "release" / "models.json"
+    reg.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "default": "tiny-test",
+                "models": [entry("tiny-test", file="tiny.pth", sha256=digest, size_bytes=out.stat().st_size)],
+            }
+        )
+    )
+    assert weights.resolve("tiny-test", registry=reg, cache=tmp_path / "cache") == out
+    out.write_bytes(out.read_bytes()[:-10] + b"0123456789")  # same size, different bytes
+    with pytest.raises(WeightsError, match="damaged or a different file"):
+        weights.resolve("tiny-test", registry=reg, cache=tmp_path / "cache")
+
+
+def test_export_release_refuses_bad_input(tmp_path, ours):
+    with pytest.raises(MAISError, match="unknown dtype"):
+        from MAISSegmentLib.checkpoint import export_release
+
+        export_release(ours, tmp_path / "x.pth", dtype="int8")
+    with pytest.raises(CheckpointError):
+        export_release(tmp_path / "missing.pth", tmp_path / "x.pth")
+    assert not (tmp_path / "x.pth").exists()
+    run = mais("weights", "export", str(ours), "--out", str(tmp_path / "y.pth"), "--provenance", str(ours))
+    assert run.returncode == 2 and "cannot be read as JSON" in run.stderr
+    assert not (tmp_path / "y.pth").exists()
