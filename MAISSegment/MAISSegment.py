@@ -128,6 +128,7 @@ class MAISSegmentParameterNode:
     useMemory, memorySize - MAIS memory on/off and its capacity (entries per ROI).
     useEditorMasking - take the editable area and "modify other segments" from the Segment Editor.
     overwriteMode - which other segments give up voxels when the Segment Editor's settings are not used.
+    learnSteps, learnHoldout - "Learn from my cases": fine-tuning steps and cases held aside for the comparison.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -141,6 +142,8 @@ class MAISSegmentParameterNode:
     memorySize: Annotated[int, WithinRange(1, 1000)] = 60
     useEditorMasking: bool = True
     overwriteMode: Annotated[str, Choice(list(OVERWRITE_MODES))] = "none"
+    learnSteps: Annotated[int, WithinRange(1, 100000)] = 100
+    learnHoldout: Annotated[int, WithinRange(0, 100)] = 1
 
 
 #
@@ -442,6 +445,22 @@ class UpdateOutcome:
 
 
 @dataclass(frozen=True)
+class LearnCandidate:
+    """A segmentation offered to "Learn from my cases", with the volume it was drawn on (None if unknown)."""
+
+    segmentation: Any  # vtkMRMLSegmentationNode
+    volume: Any  # vtkMRMLScalarVolumeNode or None
+    segments: int
+
+    @property
+    def label(self) -> str:
+        volume = self.volume.GetName() if self.volume is not None else _("no volume")
+        return _("{segmentation} on {volume} ({count} segment(s))").format(
+            segmentation=self.segmentation.GetName(), volume=volume, count=self.segments
+        )
+
+
+@dataclass(frozen=True)
 class ModelChoice:
     """A model offered in the model selector."""
 
@@ -473,11 +492,14 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         self.memory_size = 60
         self.overwrite = "none"
         self.segment_editor_node = None
-        self.requirements_file: str | None = None  # default: Resources/requirements.txt (see requirements_path)
+        self._requirements_file: str | None = None  # default: Resources/requirements.txt (see requirements_path)
         self._targets: dict[tuple[str, str, str], _Target] = {}
         self._model = None
         self._model_key: tuple | None = None
         self._model_choice: dict[str, Any] = {"model_id": "", "checkpoint": None, "device": "auto", "trusted": False}
+        self._loaded_choice: dict[str, Any] | None = None  # the choice the model in use was loaded (or given) for
+        self._previous_choice: dict[str, Any] | None = None  # what use_learned_model() replaced (switch back)
+        self.last_learn_result = None  # MAISSegmentLib.learn.LearnResult of the last finished run
         self.model_label = ""
         self._dependencies_ok = False
 
@@ -485,6 +507,17 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         return MAISSegmentParameterNode(super().getParameterNode())
 
     # ---------------------------------------------------------------------------------------------- dependencies
+    @property
+    def requirements_file(self) -> str | None:
+        """The requirements file checked by :meth:`ensure_dependencies` (None: ``Resources/requirements.txt``);
+        setting it makes the next call check again."""
+        return self._requirements_file
+
+    @requirements_file.setter
+    def requirements_file(self, path: str | None) -> None:
+        self._requirements_file = path
+        self._dependencies_ok = False
+
     def requirements_path(self) -> str | None:
         """``Resources/requirements.txt``: beside this file once installed, at the repository root in a checkout."""
         if self.requirements_file:
@@ -649,6 +682,8 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             choice["model_id"], choice["checkpoint"] = model_id, None
         if checkpoint is not None:
             choice["checkpoint"] = os.path.abspath(os.fspath(checkpoint))
+            if model_id is None:
+                choice["model_id"] = ""
         if device is not None:
             choice["device"] = device
         if trusted is not None:
@@ -668,6 +703,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             for target in self._targets.values():  # states were stored after each change
                 target.session, target.undo, target.redo = None, [], []
         self._model, self._model_key, self.model_label = model, key, label
+        self._loaded_choice = dict(self._model_choice)
 
     def ensure_model(self) -> Any:
         """The selected network, loaded if needed (worker thread is fine). Changing it drops the sessions: they are
@@ -682,22 +718,64 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         if self._model is not None and self._model_key in (key, "given"):
             return self._model
         self.ensure_dependencies()
-        from MAISSegmentLib import build_model, weights
+        from MAISSegmentLib import build_model
+        from MAISSegmentLib.errors import MAISError, is_out_of_memory
 
-        path, label = choice["checkpoint"], choice["model_id"]
-        if path is None:
-            label = label or weights.default_model_id() or ""
-            if not label:
-                raise MAISSegmentError(
-                    _(
-                        "No model is selected and none is built in yet: import a weight file (e.g. "
-                        "sam_med3d_turbo.pth) with 'Import weights…' and select it."
-                    )
-                )
-            path = weights.resolve(label)
-        model = build_model(None, checkpoint=path, device=choice["device"], trusted=choice["trusted"])
+        try:
+            path, label = self._checkpoint_of(choice)
+            model = build_model(None, checkpoint=path, device=choice["device"], trusted=choice["trusted"])
+        except MAISSegmentError:
+            self._keep_loaded_model()
+            raise
+        except Exception as exc:
+            if not isinstance(exc, (MAISError, OSError)) and not is_out_of_memory(exc):
+                raise
+            kept = self._keep_loaded_model()
+            wanted = choice["model_id"] or os.path.basename(os.fspath(choice["checkpoint"] or ""))
+            text = _("The model '{model}' cannot be used: {error}").format(model=wanted, error=exc)
+            if is_out_of_memory(exc):
+                text += " " + _("There is not enough memory for it: choose the CPU device or a smaller model.")
+            if kept:
+                text += " " + _("Still using '{model}'.").format(model=self.model_label)
+            raise MAISSegmentError(text) from exc
         self._replace_model(model, key, label or os.path.basename(os.fspath(path)))
         return model
+
+    def _keep_loaded_model(self) -> bool:
+        """After a failed load: go back to the model in use (if any), so the next point still works. Returns
+        whether there is one."""
+        if self._model is None or self._loaded_choice is None:
+            return False
+        self._model_choice = dict(self._loaded_choice)
+        choice = self._model_choice
+        if self._model_key != "given":
+            self._model_key = (choice["model_id"], choice["checkpoint"], choice["device"], choice["trusted"])
+        return True
+
+    def _checkpoint_of(self, choice: dict[str, Any]) -> tuple[str, str]:
+        """``(weight file, model id or "")`` of a model choice (the registry's default when nothing is chosen).
+
+        Raises:
+            MAISSegmentError: nothing chosen and no default. WeightsError: the file is missing or damaged.
+        """
+        from MAISSegmentLib import weights
+
+        if choice["checkpoint"] is not None:
+            return choice["checkpoint"], choice["model_id"]
+        label = choice["model_id"] or weights.default_model_id() or ""
+        if not label:
+            raise MAISSegmentError(
+                _(
+                    "No model is selected and none is built in yet: import a weight file (e.g. "
+                    "sam_med3d_turbo.pth) with 'Import weights…' and select it."
+                )
+            )
+        return os.fspath(weights.resolve(label)), label
+
+    @property
+    def current_model_id(self) -> str:
+        """The id of the model chosen now ("" for a weight file chosen by path, or the registry default)."""
+        return self._model_choice["model_id"]
 
     def import_weights(self, path: str, model_id: str | None = None) -> str:
         """Copy a local weight file into the weight cache and register it (offline sites). Returns its model id."""
@@ -708,6 +786,134 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         for note in entry.notes:
             logging.info("MAISSegment: %s", note)
         return entry.id
+
+    # ---------------------------------------------------------------------------------------------- learn from my cases
+    def learning_candidates(self, scene: Any = None, default_volume: Any = None) -> list[LearnCandidate]:
+        """The segmentations of the scene that hold segments, each with the volume it was drawn on (its reference
+        geometry), else ``default_volume`` (may be None: exporting it then says to choose a volume)."""
+        scene = scene or slicer.mrmlScene
+        nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        nodes.UnRegister(None)
+        found = []
+        for n in range(nodes.GetNumberOfItems()):
+            segmentation = nodes.GetItemAsObject(n)
+            count = segmentation.GetSegmentation().GetNumberOfSegments()
+            if count == 0:
+                continue
+            volume = _bridge().reference_volume_of(segmentation) or default_volume
+            found.append(LearnCandidate(segmentation, volume, count))
+        return found
+
+    def start_learning(
+        self,
+        cases: Sequence[Sequence[Any]] | None = None,
+        folder: str | None = None,
+        steps: int = 100,
+        holdout: int = 1,
+        on_event: Callable[[dict], None] | None = None,
+        **options: Any,
+    ) -> Any:
+        """Start fine-tuning the selected model on finished cases in a background process; returns at once.
+
+        The cases are exported from the scene into the run's temporary folder (main thread: it reads MRML), or read
+        from ``folder`` (a manifest ``.json`` or a folder of image/label pairs). Poll the returned run
+        (``run.poll()``, e.g. from a timer; ``on_event`` receives its progress events), then call
+        :meth:`finish_learning` (it registers the new model; the worker thread is fine for it), or ``run.cancel()``.
+        The model in use does not change until :meth:`use_learned_model`.
+
+        Args:
+            cases: ``(volume node, segmentation node)`` or ``(volume node, segmentation node, segment IDs)`` items.
+            folder: instead of ``cases``: a manifest or a folder of cases.
+            steps: fine-tuning steps. holdout: cases held aside for the before/after Dice-vs-clicks comparison.
+            options: more :class:`MAISSegmentLib.learn.LearnConfig` fields (clicks, episode_clicks, seed...).
+
+        Returns:
+            The :class:`MAISSegmentLib.learn.LearnRun`, started.
+
+        Raises:
+            MAISSegmentError: no cases, or the model in use has no weight file. BridgeError: a case cannot be
+            exported (no volume, empty segmentation, wrong volume); nothing is started and no file is left then.
+        """
+        self.ensure_dependencies()
+        from MAISSegmentLib import learn
+
+        if not cases and not folder:
+            raise MAISSegmentError(
+                _("Choose volumes with finished segmentations (or a folder of cases) to learn from.")
+            )
+        if self._model_key == "given":
+            raise MAISSegmentError(
+                _("The model in use was not loaded from a weight file; select a model to fine-tune first.")
+            )
+        choice = self._model_choice  # the model the next point uses
+        checkpoint, model_id = self._checkpoint_of(choice)
+        config = learn.LearnConfig(
+            base_checkpoint=os.fspath(checkpoint),
+            base_model_id=model_id,
+            steps=int(steps),
+            holdout=int(holdout),
+            device=choice["device"],
+            **options,
+        )
+        config.check()  # before exporting anything
+        run = learn.LearnRun(config, on_event=on_event)
+        try:
+            if folder:
+                config.data = os.fspath(folder)
+            else:
+                manifest, exported = _bridge().export_cases(cases, run.cases_dir)
+                for case in exported:
+                    for note in case.notes:
+                        logging.info("MAISSegment: case %s: %s", case.id, note)
+                config.data = os.fspath(manifest)
+            run.start()
+        except BaseException:
+            run.cleanup()
+            raise
+        return run
+
+    def finish_learning(self, run: Any) -> Any:
+        """Register the model of a finished run (see :meth:`start_learning`) and return its
+        :class:`MAISSegmentLib.learn.LearnResult`. The model in use is unchanged: see :meth:`use_learned_model`.
+
+        Raises:
+            LearnCancelled / LearnError: the run was cancelled or failed (with the end of its error output).
+        """
+        result = run.finish()
+        self.last_learn_result = result
+        return result
+
+    def learn(self, cases=None, folder=None, steps: int = 100, holdout: int = 1, **options: Any) -> Any:
+        """:meth:`start_learning`, wait, :meth:`finish_learning` (blocking; for scripts and tests)."""
+        run = self.start_learning(cases, folder, steps, holdout, **options)
+        run.wait()
+        return self.finish_learning(run)
+
+    def use_learned_model(self, model_id: str) -> None:
+        """Use a fine-tuned model from now on (loaded at the next point); :meth:`switch_back_model` returns to the
+        model used before. Sessions continue with the new model (their clicks are replayed)."""
+        if not model_id:
+            raise MAISSegmentError(_("There is no fine-tuned model to use yet."))
+        if self._model_choice["model_id"] != model_id:
+            self._previous_choice = dict(self._model_choice)
+        self.select_model(model_id=model_id)
+
+    def switch_back_model(self) -> bool:
+        """Go back to the model used before :meth:`use_learned_model`. Returns False if there is none."""
+        if self._previous_choice is None:
+            return False
+        previous, self._previous_choice = self._previous_choice, None
+        self.select_model(
+            model_id=previous["model_id"] if previous["checkpoint"] is None else None,
+            checkpoint=previous["checkpoint"],
+            device=previous["device"],
+            trusted=previous["trusted"],
+        )
+        return True
+
+    @property
+    def can_switch_back(self) -> bool:
+        return self._previous_choice is not None
 
     # ---------------------------------------------------------------------------------------------- point lists
     @staticmethod
@@ -946,8 +1152,38 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
     def compute_update(self, request: UpdateRequest) -> UpdateOutcome:
         """Run the network for a prepared request. Touches neither MRML nor Qt: safe on the worker thread.
 
-        On an unexpected error the session is left as it was (its operations of this call are undone).
+        On an unexpected error the session is left as it was (its operations of this call are undone); running out
+        of (CPU or GPU) memory is reported as a :class:`MAISSegmentError` saying what to do.
         """
+        from MAISSegmentLib.errors import is_out_of_memory
+
+        try:
+            return self._compute_update(request)
+        except MAISSegmentError:
+            raise
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self._release_memory()
+            device = self._model_choice["device"]
+            raise MAISSegmentError(
+                _(
+                    "Not enough memory on {device} to update the segment; it was not changed. Close other programs, "
+                    "choose the CPU device if the GPU is full, or crop the volume (Crop Volume module). ({error})"
+                ).format(device=device, error=exc)
+            ) from exc
+
+    def _release_memory(self) -> None:
+        """Return cached GPU memory after an out-of-memory error (the failed step's tensors are gone by then)."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _compute_update(self, request: UpdateRequest) -> UpdateOutcome:
         from MAISSegmentLib.errors import PromptError
         from MAISSegmentLib.roi import Box
 
@@ -1332,6 +1568,9 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._sceneGeneration = 0  # incremented when the scene closes: results computed before are dropped
         self._observedPointNodes = []
         self._shortcuts = []
+        self._learnRun = None  # MAISSegmentLib.learn.LearnRun in progress
+        self._learnCandidates = []  # LearnCandidate per row of learnCasesListWidget
+        self._learnResult = None  # the last registered LearnResult
 
     # ------------------------------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -1346,6 +1585,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(30)
         self._pollTimer.connect("timeout()", self._worker.deliver)
+        self._pollTimer.connect("timeout()", self._pollLearning)
         self._pollTimer.start()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -1368,6 +1608,12 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.useMemoryCheckBox.connect("toggled(bool)", self.onMemorySettingsChanged)
         self.ui.memorySizeSpinBox.connect("valueChanged(int)", self.onMemorySettingsChanged)
         self.ui.useEditorMaskingCheckBox.connect("toggled(bool)", self._updateGui)
+        self.ui.learnCollapsibleButton.connect("contentsCollapsed(bool)", self.onLearnPanelCollapsed)
+        self.ui.learnRefreshCasesButton.connect("clicked()", self.refreshLearningCases)
+        self.ui.learnStartButton.connect("clicked()", self.onLearnStart)
+        self.ui.learnCancelButton.connect("clicked()", self.onLearnCancel)
+        self.ui.learnUseModelButton.connect("clicked()", self.onUseLearnedModel)
+        self.ui.learnSwitchBackButton.connect("clicked()", self.onSwitchBackModel)
 
         descriptions = self.shortcutDescriptions()
         tips = "\n".join(f"{key}: {descriptions[method]}" for key, method in SHORTCUTS)
@@ -1388,6 +1634,8 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes and the module widget is destroyed."""
         self.removeObservers()
         self._removeShortcuts()
+        if self._learnRun is not None:
+            self._learnRun.cancel()
         if self._pollTimer is not None:
             self._pollTimer.stop()
         if self._worker is not None:
@@ -1513,6 +1761,13 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.enabled = ready and self.logic.can_undo(*target)
         self.ui.redoButton.enabled = ready and self.logic.can_redo(*target)
         self.ui.overwriteComboBox.enabled = not self.ui.useEditorMaskingCheckBox.checked
+        learning = self._learnRun is not None
+        self.ui.learnStartButton.enabled = not learning
+        self.ui.learnCancelButton.enabled = learning and self._learnRun.running  # not while registering
+        self.ui.learnUseModelButton.enabled = (
+            self._learnResult is not None and self.logic.current_model_id != self._learnResult.model_id
+        )
+        self.ui.learnSwitchBackButton.enabled = self.logic.can_switch_back
 
     def _setStatus(self, text: str) -> None:
         self.ui.statusLabel.text = text
@@ -1626,6 +1881,10 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             self._setStatus(_("Failed: {error}").format(error=exc))
             slicer.util.errorDisplay(_("Segmentation failed.") + "\n\n" + str(exc))
+            p = self._parameterNode
+            if p is not None and p.modelId != self.logic.current_model_id:  # a model that failed to load: keep the
+                p.modelId = self.logic.current_model_id  # one in use selected, or every next point would fail again
+                self.refreshModels()
         finally:
             self._updateGui()
             if self._updatePending:
@@ -1720,6 +1979,124 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshModels()
         self._setStatus(_("Model '{model}' imported and selected.").format(model=modelId))
 
+    # ------------------------------------------------------------------------------------------ learn from my cases
+    def onLearnPanelCollapsed(self, collapsed) -> None:
+        if not collapsed:
+            self.refreshLearningCases()
+
+    def refreshLearningCases(self) -> None:
+        """List the scene's segmentations (checked when the volume they were drawn on is known)."""
+        listWidget = self.ui.learnCasesListWidget
+        listWidget.clear()
+        self._learnCandidates = []
+        if not self.logic.dependencies_present():
+            return
+        default = self._parameterNode.inputVolume if self._parameterNode else None
+        self._learnCandidates = self.logic.learning_candidates(default_volume=default)
+        for candidate in self._learnCandidates:
+            item = qt.QListWidgetItem(candidate.label)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Checked if candidate.volume is not None else qt.Qt.Unchecked)
+            listWidget.addItem(item)
+
+    def onLearnStart(self) -> None:
+        if self._learnRun is not None or not self._ensureDependencies():
+            return
+        listWidget = self.ui.learnCasesListWidget
+        cases = [
+            (candidate.volume, candidate.segmentation)
+            for row, candidate in enumerate(self._learnCandidates)
+            if listWidget.item(row) is not None and listWidget.item(row).checkState() == qt.Qt.Checked
+        ]
+        folder = self.ui.learnFolderPathLineEdit.currentPath.strip()
+        self._syncLogicSettings()
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Cannot start learning from these cases."), waitCursor=True):
+            self._learnRun = self.logic.start_learning(
+                None if folder else cases,
+                folder or None,
+                steps=p.learnSteps,
+                holdout=p.learnHoldout,
+                on_event=self._onLearnEvent,
+            )
+            self.ui.learnProgressBar.value = 0
+            self.ui.learnResultsTable.setRowCount(0)
+            self.ui.learnStatusLabel.text = _("Fine-tuning started in the background; you can keep working.")
+        self._updateGui()
+
+    def _onLearnEvent(self, event) -> None:
+        run = self._learnRun
+        if run is not None:
+            self.ui.learnProgressBar.value = round(100 * run.progress)
+            if run.message:
+                self.ui.learnStatusLabel.text = run.message
+
+    def _pollLearning(self) -> None:
+        """Called by the poll timer: read the run's progress; once it ended, register its model on the worker."""
+        run = self._learnRun
+        if run is None or not run.running:
+            return
+        run.poll()
+        if not run.running:
+            self.ui.learnStatusLabel.text = _("Registering the new model…")
+            self._worker.submit(lambda: self.logic.finish_learning(run), self._onLearnFinished)
+            self._updateGui()
+
+    def _onLearnFinished(self, result, error) -> None:
+        self._learnRun = None
+        if error is not None:
+            self.ui.learnProgressBar.value = 0
+            self.ui.learnStatusLabel.text = _("Learning failed; the model in use is unchanged.")
+            slicer.util.errorDisplay(_("Learning from your cases failed.") + "\n\n" + str(error))
+        else:
+            self._learnResult = result
+            self._showLearnResult(result)
+            self.refreshModels()
+        self._updateGui()
+
+    def _showLearnResult(self, result) -> None:
+        table = self.ui.learnResultsTable
+        rows = result.table()
+        table.setColumnCount(3)
+        table.setHorizontalHeaderLabels([_("Points"), _("Dice before"), _("Dice after")])
+        table.setRowCount(len(rows))
+        for row, (clicks, before, after) in enumerate(rows):
+            for column, value in enumerate((str(clicks), f"{before:.3f}", f"{after:.3f}")):
+                table.setItem(row, column, qt.QTableWidgetItem(value))
+        text = _("New model '{model}' ({steps} steps on {cases} case(s), {seconds:.0f} s).").format(
+            model=result.model_id, steps=result.steps, cases=len(result.train_cases), seconds=result.seconds
+        )
+        if not rows:
+            text += " " + _("No case was held aside, so there is no before/after comparison.")
+        self.ui.learnStatusLabel.text = text
+
+    def onLearnCancel(self) -> None:
+        if self._learnRun is None:
+            return
+        self._learnRun.cancel()
+        self._learnRun = None
+        self.ui.learnProgressBar.value = 0
+        self.ui.learnStatusLabel.text = _("Cancelled; the model in use and the model list are unchanged.")
+        self._updateGui()
+
+    def onUseLearnedModel(self) -> None:
+        if self._learnResult is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot use the new model."), waitCursor=True):
+            self.logic.use_learned_model(self._learnResult.model_id)
+            self._parameterNode.modelId = self._learnResult.model_id
+            self.refreshModels()
+            self._setStatus(_("Using '{model}' from the next point on.").format(model=self._learnResult.model_id))
+        self._updateGui()
+
+    def onSwitchBackModel(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot switch back."), waitCursor=True):
+            if self.logic.switch_back_model():
+                self._parameterNode.modelId = self.logic.current_model_id
+                self.refreshModels()
+                self._setStatus(_("Switched back to the previous model."))
+        self._updateGui()
+
     # ------------------------------------------------------------------------------------------ shortcuts
     def _installShortcuts(self) -> None:
         self._removeShortcuts()
@@ -1773,6 +2150,7 @@ class MAISSegmentTest(ScriptedLoadableModuleTest):
             self.test_points_update_undo_redo,
             self.test_neighbours_untouched_and_memory_kept_per_segment,
             self.test_state_restored_from_scene,
+            self.test_learn_from_my_cases,
         ):
             self.setUp()
             test()
@@ -1908,4 +2286,44 @@ class MAISSegmentTest(ScriptedLoadableModuleTest):
         expected = logic.session(*target).mask.copy()
         self.assertEqual(restored.on_points_changed(*target, include, exclude).action, "add")
         self.assertTrue(np.array_equal(restored.session(*target).mask, expected))
+        self.delayDisplay(_("Test passed"))
+
+    def test_learn_from_my_cases(self):
+        self.delayDisplay(_("Fine-tuning on finished cases registers a new model to switch to and back"))
+        import tempfile
+
+        from MAISSegmentLib import weights
+
+        volume, segmentation, ids = self.make_scene()
+        ball = self.segment_array(segmentation, ids["other"], volume)  # a finished segment to learn from
+        second = slicer.util.addVolumeFromArray(slicer.util.arrayFromVolume(volume).copy(), self.affine(), "second")
+        finished = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "finished")
+        finished.CreateDefaultDisplayNodes()
+        finished.SetReferenceImageGeometryParameterFromVolumeNode(second)
+        segment = finished.GetSegmentation().AddEmptySegment("other", "other")
+        slicer.util.updateSegmentBinaryLabelmapFromArray(ball.astype(np.uint8), finished, segment, second)
+        logic = self.make_logic()
+        if logic._model_key == "given":  # no weight file to fine-tune (an installed extension without the tests' one)
+            self.delayDisplay(_("Skipped: no test checkpoint"))
+            return
+        base = logic.ensure_model()
+        saved = os.environ.get(weights.ENV_CACHE)
+        with tempfile.TemporaryDirectory() as cache:  # never register test models in the user's cache
+            os.environ[weights.ENV_CACHE] = cache
+            try:
+                cases = [(c.volume, c.segmentation) for c in logic.learning_candidates()]
+                self.assertEqual(len(cases), 2)
+                result = logic.learn(cases, steps=2, holdout=1, clicks=(1, 2), episode_clicks=2, memory_size=4)
+                self.assertEqual(sorted(result.before), ["1", "2"])
+                self.assertEqual(sorted(result.after), ["1", "2"])
+                self.assertIs(logic.ensure_model(), base)
+                logic.use_learned_model(result.model_id)
+                self.assertEqual(logic.ensure_model().load_report.model_id, result.model_id)
+                self.assertTrue(logic.switch_back_model())
+                self.assertEqual(logic.ensure_model().load_report.path, base.load_report.path)
+            finally:
+                if saved is None:
+                    os.environ.pop(weights.ENV_CACHE, None)
+                else:
+                    os.environ[weights.ENV_CACHE] = saved
         self.delayDisplay(_("Test passed"))

@@ -30,3 +30,9 @@ class PromptError(MAISError, ValueError):
 
 class ImageError(MAISError, ValueError):
     """An image or segmentation that cannot be read, written or used (missing, damaged, 2-D/4-D, bad geometry)."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means the machine ran out of (CPU or GPU) memory: ``MemoryError``, ``torch.OutOfMemoryError``
+    (a ``RuntimeError``) or another runtime error whose message says "out of memory" (older torch, MPS)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())

@@ -419,7 +419,7 @@ def train(
                 },
             )
             if progress:
-                _progress(step, cfg.steps, loss, dice, rate)
+                _progress(step, cfg.steps, loss, dice, rate, cfg.batch_size)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _save_state(model, cfg, out / TRAIN_STATE_FILE, step, opt, sched)
     if rank == 0:
@@ -469,10 +469,11 @@ def _append_csv(path: Path, row: dict[str, Any]) -> None:
         w.writerow(row)
 
 
-def _progress(step: int, total: int, loss: float, dice: float, rate: float) -> None:
+def _progress(step: int, total: int, loss: float, dice: float, rate: float, batch_size: int = 1) -> None:
+    """One progress line; ``rate`` in episodes/s, ``batch_size`` episodes per step (for the ETA)."""
     width = 30
     done = int(width * step / total)
-    eta = (total - step) / max(rate, 1e-9)
+    eta = (total - step) * batch_size / max(rate, 1e-9)
     sys.stderr.write(
         f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} loss {loss:.3f} "
         f"dice {dice:.3f} {rate:.2f} ep/s eta {eta / 60:.0f} min "

@@ -5,11 +5,15 @@ Use the ``mrml`` fixture (a fresh :class:`HeadlessSlicer` per test) by importing
     from slicer_headless import mrml_fixture  # noqa: F401  (provides the "mrml" fixture)
 
 Tests using it are skipped, with the reason, when slicer-core is not installed. Same recipe as
-``shared/examples/slicer_core_demo.py`` (and trame-slicer's SlicerApp).
+``shared/examples/slicer_core_demo.py`` (and trame-slicer's SlicerApp), plus the data I/O manager that scene bundles
+need (:meth:`HeadlessSlicer.save_mrb` / :meth:`HeadlessSlicer.load_mrb`).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -69,6 +73,14 @@ class HeadlessSlicer:
         self.segmentations = self._register(slicer.vtkSlicerSegmentationsModuleLogic(), "Segmentations")
         self.markups = self._register(slicer.vtkSlicerMarkupsLogic(), "Markups")
         _dedupe_converter_rules()
+        # Scene bundles (.mrb): vtkMRMLScene.ReadFromMRB unpacks into the remote cache directory of the scene's data
+        # I/O manager, which the Slicer application creates with vtkMRMLRemoteIOLogic; without it reading fails
+        # ("cannot retrieve remote cache directory from DataIOManager"). Same set-up, with a private cache folder.
+        self._cache = tempfile.mkdtemp(prefix="slicer_headless_cache_")
+        self.remote_io = slicer.vtkMRMLRemoteIOLogic()
+        self.remote_io.SetMRMLScene(self.scene)
+        self.remote_io.AddDataIOToScene()
+        self.remote_io.GetCacheManager().SetRemoteCacheDirectory(self._cache)
         slicer.mrmlScene = self.scene
         slicer.modules = types.SimpleNamespace(
             segmentations=types.SimpleNamespace(logic=lambda: self.segmentations),
@@ -125,8 +137,22 @@ class HeadlessSlicer:
         node.SetAndObserveTransformToParent(tps)
         return node
 
+    def save_mrb(self, path: str | os.PathLike) -> None:
+        """Save the whole scene as a Slicer data bundle (``.mrb``: the ``.mrml`` scene and every node's files, zipped),
+        as File → Save Scene does. Raises RuntimeError when Slicer reports a failure."""
+        if not self.scene.WriteToMRB(os.fspath(path)):
+            raise RuntimeError(f"Slicer could not write the scene bundle {path}")
+
+    def load_mrb(self, path: str | os.PathLike) -> None:
+        """Replace the scene's content by a ``.mrb`` bundle (File → Open data), as a new Slicer session would."""
+        self.scene.Clear(False)
+        if not self.scene.ReadFromMRB(os.fspath(path)):
+            raise RuntimeError(f"Slicer could not read the scene bundle {path}")
+
     def close(self) -> None:
         self.scene.Clear(True)
+        self.remote_io.RemoveDataIOFromScene()
+        shutil.rmtree(self._cache, ignore_errors=True)
         for name, value in self._saved.items():
             if value is None:
                 if hasattr(slicer, name):

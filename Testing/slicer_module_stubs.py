@@ -11,7 +11,8 @@ Only what the module file needs at import time and what its logic and in-Slicer 
 - ``qt`` and ``ctk``: empty modules (only the widget, which these tests do not run, uses them).
 
 :func:`installed` injects them into ``sys.modules`` and the ``slicer`` package and restores everything afterwards;
-:func:`load_module_file` imports the module file under a private name.
+:func:`load_module_file` imports the module file under a private name; the ``module`` fixture (import
+``module_fixture`` into a test file) gives the imported module file to the tests of that file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+MODULE_FILE = Path(__file__).resolve().parents[1] / "MAISSegment" / "MAISSegment.py"
 STUBBED = ("slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper", "slicer.i18n", "qt", "ctk")
 
 
@@ -183,3 +187,18 @@ def load_module_file(path: Path, name: str = "MAISSegment_under_test") -> types.
         sys.modules.pop(name, None)
         raise
     return module
+
+
+@pytest.fixture(name="module", scope="module")
+def module_fixture() -> Iterator[types.ModuleType]:
+    """``MAISSegment/MAISSegment.py`` imported with the stand-ins (restored afterwards); skipped without slicer-core."""
+    from slicer_headless import HAVE_SLICER, SKIP_REASON
+
+    if not HAVE_SLICER:
+        pytest.skip(SKIP_REASON)
+    with installed():
+        loaded = load_module_file(MODULE_FILE)
+        try:
+            yield loaded
+        finally:
+            sys.modules.pop(loaded.__name__, None)

@@ -488,3 +488,77 @@ def test_points_on_an_oblique_volume_through_a_session_into_the_segment(scene):
     for record in reversed(records):
         mb.undo_write(seg, record)
     assert not slicer_segment_array(seg, ids["target"], volume).any()
+
+
+# ------------------------------------------------------------------------------------------------ export of cases
+def test_export_cases_writes_image_label_pairs_and_a_manifest_load_cases_reads(scene, tmp_path):
+    """The files carry the volume's voxels and world geometry (a parent transform included), one label value per
+    painted segment named after it; data.load_cases/list_targets read the manifest; the scene is not modified."""
+    from MAISSegmentLib.data import list_targets, load_cases
+    from MAISSegmentLib.io import read_volume
+
+    mrml, volume, seg, ids = scene
+    fill(seg, volume, ids)
+    moved = mrml.add_linear_transform(rigid(12.0, (4.0, -3.0, 2.0)), "moved")
+    volume.SetAndObserveTransformNodeID(moved.GetID())
+    seg.SetAndObserveTransformNodeID(moved.GetID())
+    second = mrml.add_volume(image()[:, :, ::-1].copy(), oblique_affine(), "oblique")  # same name: unique ids
+    seg2 = mrml.add_segmentation(second, "second")
+    only = seg2.GetSegmentation().AddEmptySegment("ball", "ball")
+    seg2.GetSegmentation().AddEmptySegment("empty", "empty")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(block((5, 5, 5), (20, 20, 20)), seg2, only, second)
+    before = all_arrays(seg, volume, ids)
+
+    manifest, exported = mb.export_cases([(volume, seg), (second, seg2)], tmp_path / "cases")
+    assert [c.id for c in exported] == ["oblique", "oblique_2"]
+    assert exported[0].labels == {1: "target", 2: "other", 3: "locked"}
+    assert exported[1].labels == {1: "ball"} and any("'empty'" in n for n in exported[1].notes)
+    assert any("overlaps" in n for n in exported[0].notes)  # "locked" overlaps "other" in fill()
+    image_file, label_file = read_volume(exported[0].image), read_volume(exported[0].label)
+    assert np.array_equal(image_file.array, image())
+    assert np.allclose(image_file.ijk_to_ras, mb.volume_from_node(volume).ijk_to_ras, atol=1e-4)  # world geometry
+    assert np.allclose(label_file.ijk_to_ras, image_file.ijk_to_ras, atol=1e-4)
+    expected = np.zeros(SHAPE, np.uint8)
+    for value, name in ((1, "target"), (2, "other"), (3, "locked")):
+        expected[before[name] > 0] = value
+    assert np.array_equal(label_file.array, expected)
+    assert exported[0].voxels == {v: int((expected == v).sum()) for v in (1, 2, 3)}
+
+    cases = load_cases(manifest)
+    assert [(c.id, c.labels, c.split) for c in cases] == [
+        ("oblique", {1: "target", 2: "other", 3: "locked"}, "train"),
+        ("oblique_2", {1: "ball"}, "train"),
+    ]
+    targets, skipped = list_targets(cases)
+    assert [(t.case.id, t.name) for t in targets][-1] == ("oblique_2", "ball") and not skipped
+    after = all_arrays(seg, volume, ids)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
+def test_export_refuses_cases_it_cannot_use_with_actionable_messages(scene, tmp_path):
+    mrml, volume, seg, _ = scene
+    out = tmp_path / "cases"
+    with pytest.raises(mb.BridgeError, match=r"no painted voxels.*finish the segmentation"):
+        mb.export_case(volume, seg, out)  # three empty segments
+    with pytest.raises(mb.BridgeError, match="choose the volume it was drawn on"):
+        mb.export_case(None, seg, out)
+    bare = mrml.add_segmentation(volume, "bare")
+    with pytest.raises(mb.BridgeError, match="has no segments"):
+        mb.export_case(volume, bare, out)
+    with pytest.raises(mb.BridgeError, match="no segment with ID 'nope'"):
+        mb.export_case(volume, seg, out, segment_ids=["nope"])
+    with pytest.raises(mb.BridgeError, match="no cases to export"):
+        mb.export_cases([], out)
+    # a segmentation drawn on a bigger volume whose segment lies partly outside this one: the wrong volume
+    big_affine = oblique_affine()
+    big = mrml.add_volume(np.zeros((40, 50, 120), np.int16), big_affine, "big")
+    seg_big = mrml.add_segmentation(big, "on big")
+    sid = seg_big.GetSegmentation().AddEmptySegment("long", "long")
+    long_block = np.zeros((40, 50, 120), np.uint8)
+    long_block[10:20, 10:20, 50:70] = 1  # i 50..69: beyond this volume's 60 columns
+    slicer.util.updateSegmentBinaryLabelmapFromArray(long_block, seg_big, sid, big)
+    with pytest.raises(mb.BridgeError, match=r"1000 of the 2000 voxels of segment 'long'.*outside the volume"):
+        mb.export_case(volume, seg_big, out)
+    assert mb.export_case(big, seg_big, out).voxels == {1: 2000}  # on its own volume it is fine
+    assert mb.reference_volume_of(seg_big) is big and mb.reference_volume_of(None) is None
+    assert sorted(p.name for p in out.iterdir()) == ["big_img.nii.gz", "big_lab.nii.gz"]  # nothing else was written

@@ -4,8 +4,11 @@
 of matching types; no heavy import at module level; user-visible strings are wrapped in ``_()``; CMake files, catalog
 entry, requirements and icon are what Slicer's extension build expects.
 (b) The module file imported with stand-ins for what slicer-core lacks (``Testing/slicer_module_stubs.py``) and
-``MAISSegmentLogic`` driven with real MRML nodes (``Testing/slicer_headless.py``) and the tiny reference checkpoint.
-The Qt widget is the one layer not run here (no Slicer application).
+``MAISSegmentLogic`` driven with real MRML nodes (``Testing/slicer_headless.py``) and the tiny reference checkpoint:
+points → segment, undo/redo, masking, memory per segment, the state through ``.seg.nrrd`` and a whole ``.mrb`` scene
+bundle, and the clear failures (no volume/segment, point outside, missing dependency, damaged weights, out of memory)
+that leave segments and model as they were. "Learn from my cases" is in ``test_slicer_learn.py``. The Qt widget is
+the one layer not run here (no Slicer application).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from slicer_headless import HAVE_SLICER, SKIP_REASON, mrml_fixture  # noqa: F401  (provides the "mrml" fixture)
+import torch
+from slicer_headless import mrml_fixture  # noqa: F401  (provides the "mrml" fixture)
+from slicer_module_stubs import module_fixture  # noqa: F401  (provides the "module" fixture)
 
 from conftest import TESTING, TINY
 
@@ -282,21 +287,6 @@ def test_icon_is_a_small_128px_png():
 
 
 # ================================================================================================ (b) the module
-@pytest.fixture(scope="module")
-def module():
-    """MAISSegment.py imported with the stand-ins (restored afterwards)."""
-    if not HAVE_SLICER:
-        pytest.skip(SKIP_REASON)
-    import slicer_module_stubs as stubs
-
-    with stubs.installed():
-        loaded = stubs.load_module_file(MODULE_FILE)
-        try:
-            yield loaded
-        finally:
-            sys.modules.pop(loaded.__name__, None)
-
-
 def test_module_description_parameters_and_library_constants(module):
     from MAISSegmentLib import mrml_bridge
     from MAISSegmentLib.devices import DEVICE_CHOICES
@@ -627,6 +617,167 @@ def test_state_in_segment_tags_survives_seg_nrrd_and_a_new_logic_continues(scene
     result = logic4.on_points_changed(reloaded, rid, s.volume, include4, exclude4)
     assert (result.action, result.clicks) == ("add", 3)
     assert point_clicks(include4, exclude4)[:2] == point_clicks(include2, exclude2)
+
+
+def test_mrb_save_reload_and_continue_gives_the_uninterrupted_mask(scene, mrml, module, tmp_path):
+    """Clicks applied through the logic, the scene saved as a Slicer data bundle (.mrb, as File → Save does), the
+    scene cleared and the bundle opened again: a NEW logic finds the point lists, continues with a new click and
+    gives exactly the mask of the session that was never interrupted (same memory), in the segment too."""
+    s = scene
+    target = (s.seg, s.ids["target"], s.volume)
+    include, exclude = s.logic.get_point_lists(*target[:2])
+    s.T.place(include, s.T.ras((30, 25, 20)))
+    s.logic.on_points_changed(*target, include, exclude)
+    s.T.place(exclude, s.T.ras((8, 8, 8)))
+    s.logic.on_points_changed(*target, include, exclude)
+    s.T.place(include, s.T.ras((27, 23, 21)))
+    s.logic.on_points_changed(*target, include, exclude)
+    before_save = arrays(s)
+    bundle = tmp_path / "session.mrb"
+    mrml.save_mrb(bundle)
+    assert bundle.stat().st_size > 0
+    # the uninterrupted session goes on with one more click
+    s.T.place(exclude, s.T.ras((40, 30, 22)))
+    assert s.logic.on_points_changed(*target, include, exclude).action == "add"
+    uninterrupted_mask = s.logic.session(*target).mask.copy()
+    uninterrupted = arrays(s)
+    assert not np.array_equal(uninterrupted["target"], before_save["target"])  # the last click changed something
+
+    mrml.load_mrb(bundle)  # clears the scene first: nothing of the first session is left
+    scene_ = mrml.scene
+    volume = scene_.GetFirstNodeByName("ball")
+    segmentation = scene_.GetFirstNodeByName("segmentation")
+    assert volume is not s.volume and segmentation is not s.seg
+    ids = {name: segmentation.GetSegmentation().GetSegmentIdBySegmentName(name) for name in ("target", "other")}
+    reloaded = {name: s.T.segment_array(segmentation, sid, volume) for name, sid in ids.items()}
+    assert all(np.array_equal(reloaded[k], before_save[k]) for k in before_save)
+    logic = module.MAISSegmentTest.make_logic()
+    include2, exclude2 = logic.get_point_lists(segmentation, ids["target"], create=False)
+    assert include2 is not None and exclude2 is not None
+    assert (include2.GetNumberOfControlPoints(), exclude2.GetNumberOfControlPoints()) == (2, 1)
+    s.T.place(exclude2, s.T.ras((40, 30, 22)))
+    result = logic.on_points_changed(segmentation, ids["target"], volume, include2, exclude2)
+    assert (result.action, result.clicks) == ("add", 4)
+    assert np.array_equal(logic.session(segmentation, ids["target"], volume).mask, uninterrupted_mask)
+    after = {name: s.T.segment_array(segmentation, sid, volume) for name, sid in ids.items()}
+    assert all(np.array_equal(after[k], uninterrupted[k]) for k in uninterrupted)
+    # and undo in the new logic goes back to the saved state exactly
+    assert logic.undo(segmentation, ids["target"], volume).action == "undo"
+    assert np.array_equal(s.T.segment_array(segmentation, ids["target"], volume), before_save["target"])
+
+
+# ------------------------------------------------------------------------------------------------ clear failures
+@pytest.fixture()
+def started(scene):
+    """The scene with one click applied (the model loaded, the target segment painted)."""
+    s = scene
+    s.target = (s.seg, s.ids["target"], s.volume)
+    s.include, s.exclude = s.logic.get_point_lists(*s.target[:2])
+    s.T.place(s.include, s.T.ras((30, 25, 20)))
+    assert s.logic.on_points_changed(*s.target, s.include, s.exclude).action == "add"
+    s.model, s.choice = s.logic.ensure_model(), dict(s.logic._model_choice)
+    s.before = arrays(s)
+    return s
+
+
+def assert_unchanged(s, clicks: int = 1) -> None:
+    """The segments, the model in use, its selection and the session are as they were."""
+    now = arrays(s)
+    assert all(np.array_equal(now[k], s.before[k]) for k in s.before)
+    assert s.logic.ensure_model() is s.model and s.logic._model_choice == s.choice
+    assert len(s.logic.session(*s.target).clicks) == clicks
+
+
+def test_failure_no_volume_no_segment(started, module):
+    s = started
+    with pytest.raises(module.MAISSegmentError, match="Select the volume to segment"):
+        s.logic.on_points_changed(s.seg, s.ids["target"], None, s.include, s.exclude)
+    with pytest.raises(module.MAISSegmentError, match="Select a segment of the segmentation"):
+        s.logic.on_points_changed(s.seg, "", s.volume, s.include, s.exclude)
+    with pytest.raises(module.MAISSegmentError, match="Select a segment of the segmentation"):
+        s.logic.on_points_changed(s.seg, "removed-segment", s.volume, s.include, s.exclude)
+    with pytest.raises(module.MAISSegmentError, match="Select a segmentation"):
+        s.logic.on_points_changed(None, s.ids["target"], s.volume, s.include, s.exclude)
+    assert_unchanged(s)
+
+
+def test_failure_point_outside_the_volume(started):
+    s = started
+    s.T.place(s.include, s.T.ras((30, 25, 95)))  # k = 95 > 39
+    result = s.logic.on_points_changed(*s.target, s.include, s.exclude)
+    assert result.action == "rejected" and "outside the image" in result.rejected[0]
+    assert "RAS vs LPS" in result.rejected[0] and "Refused" in s.logic.describe(result)
+    assert s.include.GetNumberOfControlPoints() == 1  # the refused point was taken away
+    assert_unchanged(s)
+
+
+def test_failure_missing_dependency(started, module, tmp_path):
+    s = started
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("maissegment-missing-package>=1.0\n")
+    s.logic.requirements_file = str(requirements)
+    s.T.place(s.exclude, s.T.ras((8, 8, 8)))
+    with pytest.raises(module.MAISSegmentError, match=r"Missing Python packages: maissegment-missing-package>=1\.0"):
+        s.logic.on_points_changed(*s.target, s.include, s.exclude)
+    s.logic.requirements_file = None  # installed: the same point goes through
+    assert_unchanged(s)
+    assert s.logic.on_points_changed(*s.target, s.include, s.exclude).action == "add"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_failure_corrupt_weight_file_keeps_the_model_in_use(started, module, tmp_path, damage):
+    s = started
+    bad = tmp_path / "damaged.pth"
+    data = (TINY / "ref_tiny.pth").read_bytes()
+    bad.write_bytes(b"not a checkpoint at all" * 10 if damage == "garbage" else data[: len(data) // 2])
+    s.logic.select_model(checkpoint=str(bad))
+    s.T.place(s.exclude, s.T.ras((8, 8, 8)))
+    with pytest.raises(module.MAISSegmentError) as info:
+        s.logic.on_points_changed(*s.target, s.include, s.exclude)
+    message = str(info.value)
+    assert message.startswith("The model 'damaged.pth' cannot be used: ") and "Still using 'ref_tiny.pth'." in message
+    assert str(bad) in message  # the checkpoint loader names the file
+    assert_unchanged(s)
+    assert s.logic.on_points_changed(*s.target, s.include, s.exclude).action == "add"  # the next try works
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        lambda: RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB)"),
+        MemoryError,
+    ],
+    ids=["torch-oom", "runtime-oom", "memoryerror"],
+)
+def test_failure_out_of_memory_leaves_segment_session_and_model(started, module, monkeypatch, error):
+    s = started
+
+    def step(*args, **kwargs):
+        raise error()
+
+    monkeypatch.setattr(s.model, "step", step)  # the network runs out of memory on the next point
+    s.T.place(s.exclude, s.T.ras((8, 8, 8)))
+    with pytest.raises(module.MAISSegmentError, match=r"Not enough memory on cpu to update the segment; it was not"):
+        s.logic.on_points_changed(*s.target, s.include, s.exclude)
+    assert_unchanged(s)
+    monkeypatch.undo()
+    assert s.logic.on_points_changed(*s.target, s.include, s.exclude).action == "add"
+    other = s.logic.session(*s.target).mask.copy()
+    assert np.array_equal(arrays(s)["target"], other > 0)
+
+
+def test_unrelated_errors_are_not_reported_as_memory_problems(started, monkeypatch):
+    s = started
+
+    def step(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(s.model, "step", step)
+    s.T.place(s.exclude, s.T.ras((8, 8, 8)))
+    with pytest.raises(RuntimeError, match=r"^shape mismatch$"):
+        s.logic.on_points_changed(*s.target, s.include, s.exclude)
+    assert_unchanged(s)
 
 
 def test_selected_point_rules(mrml, module):
