@@ -483,6 +483,16 @@ def overwrite_mode_from_editor_node(segment_editor_node: Any) -> str:
     }.get(mode, "none")
 
 
+def editing_restricted(segment_editor_node: Any) -> bool:
+    """Whether the Segment Editor node limits where a segment may change ("Editable area" other than everywhere, or
+    an "Editable intensity range"). When it does not, :func:`editable_mask` is all True and need not be computed
+    (that would be a full-grid array per write)."""
+    if segment_editor_node is None:
+        return False
+    everywhere = segment_editor_node.GetMaskMode() == slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere
+    return not everywhere or bool(segment_editor_node.GetSourceVolumeIntensityMask())
+
+
 def editable_mask(
     segmentation_node: Any,
     segment_id: str,

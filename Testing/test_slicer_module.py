@@ -806,3 +806,127 @@ def test_the_in_slicer_test_case_passes_headless(mrml, module):
     suite = unittest.TestSuite([module.MAISSegmentTest("runTest")])
     outcome = unittest.TextTestRunner(verbosity=0).run(suite)
     assert outcome.wasSuccessful(), outcome.failures + outcome.errors
+
+
+# ------------------------------------------------------------------------------------------------ models in the module
+def test_switching_the_model_rewrites_the_whole_segment_at_the_next_point(started, module):
+    """The clicks are replayed with the new network; its mask replaces the old model's everywhere, not only in the
+    new click's box (else the segment would be part old model, part new)."""
+    from MAISSegmentLib import build_model
+
+    s = started
+    old = arrays(s)["target"]
+    torch.manual_seed(1)
+    s.logic.use_model(build_model("sam-med3d-tiny"), "another tiny network")
+    s.T.place(s.include, s.T.ras((32, 25, 20)))
+    result = s.logic.on_points_changed(*s.target, s.include, s.exclude)
+    assert result.action == "add" and len(s.logic.session(*s.target).clicks) == 2
+    now = arrays(s)
+    assert np.array_equal(now["target"], s.logic.session(*s.target).mask > 0)
+    assert not np.array_equal(now["target"], old)
+    assert np.array_equal(now["other"], s.before["other"])
+    assert s.logic.undo(*s.target).action == "undo"  # the whole-volume write is undone exactly
+    assert np.array_equal(arrays(s)["target"], old)
+
+
+def _serve(folder):
+    """An HTTP server on 127.0.0.1 serving ``folder`` (own thread); returns (base URL, stop)."""
+    import functools
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+
+    def stop():
+        httpd.shutdown()
+        httpd.server_close()
+
+    return f"http://127.0.0.1:{httpd.server_address[1]}", stop
+
+
+def test_download_a_registered_model_from_the_module(scene, module, monkeypatch, tmp_path):
+    """A registered model that is not here: selecting it says to press Download; the download (checked by SHA-256,
+    with progress) makes it usable; a failing download leaves nothing and says why."""
+    import hashlib
+
+    from MAISSegmentLib import weights
+
+    s = scene
+    served = tmp_path / "served"
+    served.mkdir()
+    body = (TINY / "ref_tiny.pth").read_bytes()
+    (served / "tiny.pth").write_bytes(body)
+    url, stop = _serve(served)
+    try:
+        entry = {
+            "id": "remote-tiny",
+            "version": "1",
+            "file": "remote_tiny.pth",
+            "url": f"{url}/tiny.pth",
+            "sha256": hashlib.sha256(body).hexdigest(),
+            "size_bytes": len(body),
+            "license": "test",
+            "format": "sam-med3d",
+            "preset": "sam-med3d-tiny",
+            "description": "served locally",
+            "trained_on": "nothing",
+        }
+        broken = {**entry, "id": "remote-missing", "file": "missing.pth", "url": f"{url}/missing.pth"}
+        registry = tmp_path / "models.json"
+        registry.write_text(json.dumps({"version": 1, "default": None, "models": [entry, broken]}))
+        monkeypatch.setenv("MAIS_MODELS_JSON", str(registry))
+        monkeypatch.setenv("MAIS_WEIGHTS_DIR", str(tmp_path / "cache"))
+        choices = {c.id: c for c in s.logic.available_models()}
+        assert not choices["remote-tiny"].usable and choices["remote-tiny"].download_url == entry["url"]
+        assert choices["remote-tiny"].size_bytes == len(body) and "not downloaded" in choices["remote-tiny"].label
+
+        s.logic.select_model(model_id="remote-tiny")
+        target = (s.seg, s.ids["target"], s.volume)
+        include, exclude = s.logic.get_point_lists(*target[:2])
+        s.T.place(include, s.T.ras((30, 25, 20)))
+        with pytest.raises(module.MAISSegmentError, match="not on this computer yet: press Download"):
+            s.logic.on_points_changed(*target, include, exclude)
+        assert not arrays(s)["target"].any()
+
+        with pytest.raises(module.MAISSegmentError, match=r"Downloading 'remote-missing' failed: .*404"):
+            s.logic.download_model("remote-missing")
+        assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []  # no partial file
+
+        seen = []
+        path = s.logic.download_model("remote-tiny", progress=lambda done, total: seen.append((done, total)))
+        assert weights.file_sha256(path) == entry["sha256"]
+        assert seen[0] == (0, len(body)) and seen[-1] == (len(body), len(body))
+        assert {c.id: c for c in s.logic.available_models()}["remote-tiny"].usable
+        assert not s.logic.model_loaded
+        assert s.logic.on_points_changed(*target, include, exclude).action == "add"
+        assert s.logic.model_loaded and arrays(s)["target"].any()
+    finally:
+        stop()
+
+
+def test_masking_is_computed_only_when_the_editor_restricts_editing(mrml, module):
+    import slicer
+
+    from MAISSegmentLib import mrml_bridge as mb
+
+    editor = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    assert not mb.editing_restricted(None) and not mb.editing_restricted(editor)  # default: everywhere, no range
+    editor.SetSourceVolumeIntensityMask(True)
+    assert mb.editing_restricted(editor)
+    editor.SetSourceVolumeIntensityMask(False)
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideAllSegments)
+    assert mb.editing_restricted(editor)
+
+
+def test_missing_selection_messages(scene, module):
+    s = scene
+    message = s.logic.missing_selection_message
+    assert message(s.seg, s.ids["target"], s.volume) == ""
+    assert message(None, "", s.volume) == "Select a segmentation."
+    assert message(s.seg, "", s.volume).startswith("Select a segment")
+    assert message(s.seg, s.ids["target"], None) == "Select the volume to segment."
