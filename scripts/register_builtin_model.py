@@ -105,6 +105,22 @@ def family_table(doc: dict, click: str) -> str:
     return "\n".join(lines)
 
 
+def source_table(doc: dict) -> str:
+    """Mean Dice at every click count per data source (the case id's prefix before ``__``) for each method."""
+    clicks = [str(c) for c in doc["clicks"]]
+    groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for name, m in doc["methods"].items():
+        for t in m["targets"]:
+            groups[t["case"].split("__")[0]][name].append(t["dice"])
+    lines = ["| source | targets | method | " + " | ".join(f"Dice@{c}" for c in clicks) + " |"]
+    lines.append("|---|---:|---|" + "---:|" * len(clicks))
+    for src in sorted(groups):
+        for name, dices in groups[src].items():
+            cells = " | ".join(_fmt(statistics.fmean(d[c] for d in dices)) for c in clicks)
+            lines.append(f"| {src} | {len(dices)} | {name} | {cells} |")
+    return "\n".join(lines)
+
+
 def eval_section(path: Path | None) -> str:
     if path is None or not path.exists():
         return "Not measured."
@@ -116,7 +132,8 @@ def eval_section(path: Path | None) -> str:
         f"{d['n_cases']} volumes, {d['n_targets']} targets ({d['n_skipped']} skipped under 10 mm³) of the `test` "
         f"split, robot user of EVALUATION.md (`center`, seed {doc['seed']}); mean over targets, measured on the "
         f"released float16 file:\n\n{method_table(doc)}\n\nMean Dice@{click} by structure family:\n\n"
-        f"{family_table(doc, click)}\n\n"
+        f"{family_table(doc, click)}\n\nBy data source (TotalSegmentator is not in the training data):\n\n"
+        f"{source_table(doc)}\n\n"
         "`no-memory` is the same weights with the memory attention switched off (the paper's Ft-SAM3D "
         "baseline); `growcut` is Slicer's Grow from seeds (`vtkImageGrowCutSegment`) seeded with the same clicks "
         "inside the same region."
