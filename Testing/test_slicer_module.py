@@ -930,3 +930,23 @@ def test_missing_selection_messages(scene, module):
     assert message(None, "", s.volume) == "Select a segmentation."
     assert message(s.seg, "", s.volume).startswith("Select a segment")
     assert message(s.seg, s.ids["target"], None) == "Select the volume to segment."
+
+
+def test_deleted_point_recomputes_the_segment_from_the_remaining_points(scene):
+    """Deleting a point (as the point list's delete or *Forget selected point* does) gives exactly the mask of a
+    fresh session with the remaining clicks, in the segment too, and can be undone."""
+    s = scene
+    target = (s.seg, s.ids["target"], s.volume)
+    include, exclude = s.logic.get_point_lists(*target[:2])
+    for node, ijk in ((include, (30, 25, 20)), (exclude, (8, 8, 8)), (include, (33, 27, 21))):
+        s.T.place(node, s.T.ras(ijk))
+        assert s.logic.on_points_changed(*target, include, exclude).action == "add"
+    three = arrays(s)["target"]
+    exclude.RemoveNthControlPoint(0)
+    result = s.logic.on_points_changed(*target, include, exclude)
+    assert (result.action, result.clicks) == ("forget", 2)
+    remaining = point_clicks(include, exclude, None)
+    assert [inc for _, inc in remaining] == [True, True]
+    assert np.array_equal(arrays(s)["target"], reference_mask(s, remaining))
+    assert s.logic.undo(*target).action == "undo"
+    assert np.array_equal(arrays(s)["target"], three) and exclude.GetNumberOfControlPoints() == 1
