@@ -74,7 +74,7 @@ SHORTCUTS = (
     ("E", "onPlaceExcludeShortcut"),
     ("Ctrl+Alt+Z", "onUndo"),
     ("Ctrl+Alt+Y", "onRedo"),
-    ("Ctrl+Alt+Backspace", "onForgetPoint"),
+    ("Ctrl+Alt+F", "onForgetPoint"),
 )
 
 
@@ -2245,7 +2245,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onLearnCancel(self) -> None:
         if self._learnRun is None:
             return
-        self._learnRun.cancel()
+        self._learnRun.cancel(timeout=2.0)  # a fine-tuning process stops at once on terminate; killed after 2 s
         self._learnRun = None
         self.ui.learnProgressBar.value = 0
         self.ui.learnStatusLabel.text = _("Cancelled; the model in use and the model list are unchanged.")
