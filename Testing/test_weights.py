@@ -106,9 +106,10 @@ def files_in(folder: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- registry
-def test_builtin_registry_lists_turbo_and_no_default(tmp_path):
+def test_builtin_registry_lists_turbo_and_the_bundled_default(tmp_path):
     default, models = weights.load_registry(weights.DEFAULT_REGISTRY)
-    assert default is None
+    builtin = next(m for m in models if m.id == default)  # checked in detail by test_builtin_model.py
+    assert builtin.format == "maissegment" and builtin.file.startswith("models/") and builtin.url is None
     turbo = next(m for m in models if m.id == "sam-med3d-turbo")
     assert turbo.url == "https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth"
     assert (turbo.file, turbo.format, turbo.preset) == ("sam_med3d_turbo.pth", "sam-med3d", "sam-med3d-vit-b")

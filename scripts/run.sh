@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up the environment and run the main job (the README's main-job command).
-# Until the built-in model and demo land (issue 4) the main job is the network benchmark.
+# Set up the environment and run the main job (the README's main-job command): `mais demo` with the built-in
+# default model (Resources/models/) on the bundled sample CT (Resources/sample/). Extra arguments go to
+# `mais demo` (e.g. --structure spleen --clicks 20 --out out/spleen).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-.venv/bin/mais bench "$@"
+.venv/bin/mais demo --out out/demo --device "${MAIS_DEVICE:-auto}" "$@"

@@ -1,0 +1,62 @@
+"""The built-in default model as shipped: registry entry, bundled file, model card and `mais demo` on it.
+
+These run on a fresh clone (the weights and the sample case are in the repository) and need no ``../shared``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from MAISSegmentLib import weights
+from MAISSegmentLib.checkpoint import build_model
+from test_cli import REPO, mais
+
+RESOURCES = REPO / "Resources"
+
+
+@pytest.fixture(scope="module")
+def default_entry():
+    default, entries = weights.load_registry()
+    assert default is not None, "Resources/models.json registers no default model"
+    return next(e for e in entries if e.id == default)
+
+
+def test_default_model_is_bundled_verified_and_documented(default_entry):
+    e = default_entry
+    path = weights.resolve(e.id)  # checks size and SHA-256 against the registry
+    assert path == RESOURCES / e.file and path.stat().st_size == e.size_bytes
+    assert e.size_bytes <= 50 * 10**6, "bundled weights must stay within 50 MB"
+    assert e.sha256 and e.license and e.trained_on and e.version and e.format == "maissegment"
+    card = RESOURCES / "models" / f"{e.id}.md"
+    text = card.read_text(encoding="utf-8")
+    assert e.sha256 in text, "the model card must quote the SHA-256 of the file it describes"
+    assert "scripts/train_builtin_model.sh" in text and "scripts/release_builtin_model.sh" in text
+    for heading in ("Training data", "Recipe", "Test split", "Few-shot", "Limitations"):
+        assert re.search(rf"^#+ .*{heading}", text, re.M | re.I), f"model card lacks a '{heading}' section"
+
+
+def test_default_model_loads_with_trained_memory(default_entry):
+    model = build_model(None, checkpoint=weights.resolve(default_entry.id))
+    rep = model.load_report
+    assert rep.source == "maissegment" and rep.memory_attention == "loaded"
+    assert (rep.model_id, rep.version) == (default_entry.id, default_entry.version)
+    assert rep.provenance["recipe"]["preset"] == default_entry.preset and rep.provenance["steps_done"] > 0
+    assert next(model.parameters()).dtype.is_floating_point and next(model.parameters()).element_size() == 4
+    # trained, not fresh: the memory attention's zero-initialised residual branches have moved
+    ma = model.memory_attention
+    moved = [layer.weight.abs().max().item() for layer in (ma.dense_out, ma.cross_out, ma.mlp[2])]
+    assert min(moved) > 0
+
+
+def test_demo_runs_on_the_default_model(tmp_path: Path):
+    run = mais("demo", "--out", str(tmp_path), "--device", "cpu", "--clicks", "5")
+    assert run.returncode == 0, run.stderr
+    dice = [float(x) for x in re.findall(r"Dice (\d\.\d+)", run.stdout)]
+    assert len(dice) == 5
+    assert dice[-1] > 0.1, "the bundled model segments nothing of the demo structure: is it the right file?"
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert any(f.endswith(".seg.nrrd") for f in files) and "dice_vs_clicks.png" in files
+    assert any(f.endswith("_slices.png") for f in files)
