@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -145,7 +146,13 @@ def test_train_resume_and_bad_arguments(manifest, tmp_path, monkeypatch):
     proc = mais(*args, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed at step 0" in proc.stderr and (tmp_path / "r" / "model.pth").exists()
-    bad = mais("evaluate", "--manifest", str(manifest), "--methods", "mais", "--out", str(tmp_path / "x.json"))
+    no_default = tmp_path / "models.json"  # a registry without a default model: the model must be named
+    no_default.write_text('{"version": 1, "default": null, "models": []}')
+    os.environ["MAIS_MODELS_JSON"] = str(no_default)
+    try:
+        bad = mais("evaluate", "--manifest", str(manifest), "--methods", "mais", "--out", str(tmp_path / "x.json"))
+    finally:
+        del os.environ["MAIS_MODELS_JSON"]
     assert bad.returncode == 2 and "needs --checkpoint" in bad.stderr
     bad = mais("evaluate", "--manifest", str(manifest), "--methods", "magic", "--out", str(tmp_path / "x.json"))
     assert bad.returncode == 2 and "unknown method" in bad.stderr
