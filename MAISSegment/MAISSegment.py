@@ -686,12 +686,15 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
                 _("Downloading '{model}' failed: {error}").format(model=model_id, error=exc)
             ) from exc
 
+    @staticmethod
+    def _choice_key(choice: dict[str, Any]) -> tuple:
+        """What identifies a loaded network: the model id, weight file, device and trust of a model choice."""
+        return (choice["model_id"], choice["checkpoint"], choice["device"], choice["trusted"])
+
     @property
     def model_loaded(self) -> bool:
         """Whether the chosen model is loaded already (else the next update loads it first: seconds)."""
-        choice = self._model_choice
-        key = (choice["model_id"], choice["checkpoint"], choice["device"], choice["trusted"])
-        return self._model is not None and self._model_key in (key, "given")
+        return self._model is not None and self._model_key in (self._choice_key(self._model_choice), "given")
 
     def select_model(
         self,
@@ -748,10 +751,10 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             MAISSegmentError: no model selected and no default registered. CheckpointError/WeightsError: the weight
             file is missing or damaged (messages from MAISSegmentLib).
         """
-        choice = dict(self._model_choice)
-        key = (choice["model_id"], choice["checkpoint"], choice["device"], choice["trusted"])
-        if self._model is not None and self._model_key in (key, "given"):
+        if self.model_loaded:
             return self._model
+        choice = dict(self._model_choice)
+        key = self._choice_key(choice)
         self.ensure_dependencies()
         from MAISSegmentLib import build_model
         from MAISSegmentLib.errors import MAISError, is_out_of_memory
@@ -784,7 +787,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         self._model_choice = dict(self._loaded_choice)
         choice = self._model_choice
         if self._model_key != "given":
-            self._model_key = (choice["model_id"], choice["checkpoint"], choice["device"], choice["trusted"])
+            self._model_key = self._choice_key(choice)
         return True
 
     def _checkpoint_of(self, choice: dict[str, Any]) -> tuple[str, str]:
@@ -805,8 +808,8 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
                     "sam_med3d_turbo.pth) with 'Import weights…' and select it."
                 )
             )
-        entry = next((e for e in weights.list_models() if e.id == label), None)
-        if entry is not None and entry.status == "not downloaded":
+        entry = weights.get_model(label)
+        if entry.status == "not downloaded":
             how = _("press Download next to the model list, or ") if entry.builtin and entry.url else ""
             raise MAISSegmentError(
                 _(
@@ -1045,20 +1048,22 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             raise MAISSegmentError(_("Select a segment of the segmentation (or add one)."))
 
     @classmethod
+    def _check_selection(cls, segmentation_node: Any, segment_id: str, volume_node: Any) -> None:
+        cls._check_segment(segmentation_node, segment_id)
+        if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
+            raise MAISSegmentError(_("Select the volume to segment."))
+
+    @classmethod
     def missing_selection_message(cls, segmentation_node: Any, segment_id: str, volume_node: Any) -> str:
         """What the user must select before placing points ("" when the segment and the volume are selected)."""
         try:
-            cls._check_segment(segmentation_node, segment_id)
-            if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
-                raise MAISSegmentError(_("Select the volume to segment."))
+            cls._check_selection(segmentation_node, segment_id, volume_node)
         except MAISSegmentError as exc:
             return str(exc)
         return ""
 
     def _target(self, segmentation_node: Any, segment_id: str, volume_node: Any, create: bool = True) -> _Target | None:
-        self._check_segment(segmentation_node, segment_id)
-        if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
-            raise MAISSegmentError(_("Select the volume to segment."))
+        self._check_selection(segmentation_node, segment_id, volume_node)
         key = (segmentation_node.GetID(), segment_id, volume_node.GetID())
         target = self._targets.get(key)
         if target is None and create:
@@ -1788,12 +1793,8 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _currentTarget(self):
         """(segmentation, segment id, volume) when all three are selected, else None."""
-        p = self._parameterNode
-        if p is None or not p.segmentation or not p.inputVolume or not p.segmentId:
-            return None
-        if p.segmentation.GetSegmentation().GetSegment(p.segmentId) is None:
-            return None
-        return p.segmentation, p.segmentId, p.inputVolume
+        selection = self._selection()
+        return None if self.logic.missing_selection_message(*selection) else selection
 
     def _updatePointLists(self) -> None:
         target = self._currentTarget()

@@ -434,7 +434,8 @@ def inspect_checkpoint(path: str | os.PathLike, trusted: bool = False) -> dict[s
 
     Returns:
         ``format`` (``"maissegment"``/``"sam-med3d"``), ``preset`` (matching backbone preset or None),
-        ``backbone_keys``, ``model_id``, ``version``, ``memory_attention``, ``provenance``.
+        ``backbone_keys``, ``model_id``, ``version``, ``memory_attention``, ``provenance``, ``sha256`` (of the
+        weights' content; None for a SAM-Med3D file).
 
     Raises:
         CheckpointError: not a loadable checkpoint (nothing is registered).
@@ -452,6 +453,7 @@ def inspect_checkpoint(path: str | os.PathLike, trusted: bool = False) -> dict[s
         "version": report.version,
         "memory_attention": report.memory_attention,
         "provenance": report.provenance,
+        "sha256": report.sha256,
     }
     del model
     return info

@@ -181,9 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     model_id, version = info["model_id"], info["version"]
     file_sha = weights.file_sha256(a.weights)
     size = a.weights.stat().st_size
-    from MAISSegmentLib.checkpoint import build_model
-
-    weights_sha = build_model(None, checkpoint=a.weights).load_report.sha256
 
     reg = json.loads(a.registry.read_text())
     rel = a.weights.resolve().relative_to(a.registry.resolve().parent).as_posix()
@@ -213,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "@VERSION@": str(version),
         "@SIZE@": f"{size:,}",
         "@FILE_SHA@": file_sha,
-        "@WEIGHTS_SHA@": str(weights_sha),
+        "@WEIGHTS_SHA@": str(info["sha256"]),
         "@TRAINING_FACTS@": training_facts(a.log),
         "@EVAL@": eval_section(a.eval) + copy_figure(a.eval, a.weights.parent / f"{model_id}_test_split.png"),
         "@FEWSHOT@": fewshot_section(a.fewshot) + copy_figure(a.fewshot, a.weights.parent / f"{model_id}_fewshot.png"),
