@@ -26,6 +26,7 @@ persistent worker thread (:class:`Worker`; cuDNN/MPS caches are per thread).
 Heavy imports (torch, MAISSegmentLib) happen inside functions, at first use, after the dependency check.
 """
 
+import collections
 import importlib.util
 import inspect
 import logging
@@ -264,6 +265,140 @@ class Worker:
     def stop(self, timeout: float = 5.0) -> None:
         self._jobs.put(None)
         self._thread.join(timeout)
+
+
+class BackgroundCommands:
+    """Run commands (argv lists, no shell) one after another in a Python thread; no Qt and no MRML inside.
+
+    For installs that take minutes (PyTorch): the main thread keeps running and polls :meth:`take_lines` (new output
+    lines, stdout and stderr merged) and :attr:`finished`; :attr:`error` is ``None`` after success, else a message that
+    names the failed command, its exit status and its last output lines. :meth:`cancel` stops the running process
+    and skips the rest.
+    """
+
+    TAIL_LINES = 12  # output lines quoted in the error message
+
+    def __init__(self, commands: Sequence[Sequence[str]], env: dict[str, str] | None = None) -> None:
+        self.commands = [list(c) for c in commands]
+        self._env = env
+        self._lines: queue.Queue = queue.Queue()
+        self._tail: collections.deque = collections.deque(maxlen=self.TAIL_LINES)
+        self._process = None
+        self._cancelled = threading.Event()
+        self._finished = threading.Event()
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="MAISSegment install", daemon=True)
+
+    def start(self) -> "BackgroundCommands":
+        self._thread.start()
+        return self
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def take_lines(self) -> list[str]:
+        """The output lines that arrived since the last call (main thread)."""
+        lines = []
+        while True:
+            try:
+                lines.append(self._lines.get_nowait())
+            except queue.Empty:
+                return lines
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the commands are done (scripts and tests; the widget polls instead)."""
+        return self._finished.wait(timeout)
+
+    def cancel(self, timeout: float = 5.0) -> None:
+        self._cancelled.set()
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except Exception:
+                process.kill()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import subprocess
+
+        try:
+            for command in self.commands:
+                if self._cancelled.is_set():
+                    break
+                self._lines.put("$ " + " ".join(command))
+                self._process = subprocess.Popen(
+                    command,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    text=True,
+                    errors="replace",
+                    env=self._env,
+                )
+                for line in self._process.stdout:
+                    line = line.rstrip()
+                    self._lines.put(line)
+                    self._tail.append(line)
+                code = self._process.wait()
+                if self._cancelled.is_set():
+                    break
+                if code != 0:
+                    tail = "\n".join(self._tail)
+                    self.error = f"'{' '.join(command[1:])}' failed (exit status {code}):\n{tail}"
+                    break
+        except OSError as exc:  # plain text here: no translation (Qt) off the main thread
+            self.error = f"could not run '{' '.join(command)}': {exc}"
+        finally:
+            if self._cancelled.is_set() and self.error is None:
+                self.error = "cancelled"
+            self._finished.set()
+
+
+@dataclass
+class DependencyPlan:
+    """What :meth:`MAISSegmentLogic.dependency_plan` found missing, and how it will be installed.
+
+    ``torch_commands``: the commands that install PyTorch (empty when it is installed): light-the-torch with the
+    PyTorch extension's arguments, run by Slicer's Python in a background process. ``packages``: the lines of
+    ``Resources/requirements.txt`` that are not satisfied (installed afterwards with ``pip_ensure``).
+    """
+
+    torch_commands: list[list[str]] = field(default_factory=list)
+    torch_requirement: str = ""
+    packages: list[str] = field(default_factory=list)
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.torch_commands or self.packages)
+
+    def describe(self) -> str:
+        """The confirmation text: every package that will be downloaded and installed."""
+        lines = [_("MAISSegment needs these Python packages, which will be downloaded and installed now:"), ""]
+        if self.torch_commands:
+            lines.append(
+                "• "
+                + _(
+                    "PyTorch ({requirement}): the CUDA or CPU build that fits this computer, chosen by "
+                    "light-the-torch (1-3 GB; several minutes; Slicer stays usable meanwhile)"
+                ).format(requirement=self.torch_requirement)
+            )
+        lines += [f"• {p}" for p in self.packages]
+        return "\n".join(lines)
+
+
+def slicer_python() -> str:
+    """The Python interpreter that installs into this Slicer (``PythonSlicer``), else this process's Python."""
+    import shutil
+
+    return shutil.which("PythonSlicer") or sys.executable
 
 
 def read_requirements(path: str) -> list[str]:
@@ -641,6 +776,62 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
                     "install with the version requirement >={minimum})."
                 ).format(version=version, minimum=MIN_TORCH_VERSION)
             )
+
+    def dependency_plan(self) -> DependencyPlan:
+        """What is missing and how it will be installed; cheap (nothing heavy is imported), main thread.
+
+        Raises:
+            MAISSegmentError: inside Slicer without the PyTorch extension (it says to install it).
+        """
+        plan = DependencyPlan(packages=self.missing_requirements())
+        if importlib.util.find_spec("torch") is None:
+            plan.torch_requirement = f"torch>={MIN_TORCH_VERSION}"
+            if getattr(slicer, "app", None) is not None:
+                plan.torch_commands = self.torch_install_commands()
+        return plan
+
+    @staticmethod
+    def torch_install_commands() -> list[list[str]]:
+        """The commands that install PyTorch the way the PyTorch extension does, for a background process.
+
+        ``PyTorchUtilsLogic.installTorch`` runs light-the-torch (which picks the CUDA build that fits the NVIDIA
+        driver, else the CPU build) on the main thread, which freezes Slicer for minutes. The same installation is run
+        here as two commands of Slicer's Python (``PythonSlicer``): ``pip install light-the-torch``, then
+        ``light_the_torch install`` with the arguments PyTorchUtils builds (its ``_getPipInstallArguments``, when it
+        has one), so the result is the one the extension would give.
+        """
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise MAISSegmentError(
+                _(
+                    "MAISSegment needs the PyTorch extension: install 'PyTorch' from the Extensions Manager and "
+                    "restart Slicer."
+                )
+            ) from None
+        requirement = f">={MIN_TORCH_VERSION}"
+        arguments = None
+        build = getattr(PyTorchUtils.PyTorchUtilsLogic, "_getPipInstallArguments", None)
+        if build is not None:
+            try:
+                arguments = list(build(None, requirement))
+            except Exception:  # another version of the extension: use the plain form
+                logging.exception("MAISSegment: PyTorchUtils._getPipInstallArguments failed")
+        if not arguments:
+            arguments = ["install", "torch" + requirement]
+        python = slicer_python()
+        return [
+            [python, "-m", "pip", "install", "--disable-pip-version-check", "light-the-torch>=0.5"],
+            [python, "-m", "light_the_torch", *arguments],
+        ]
+
+    def start_dependency_install(self, plan: DependencyPlan) -> BackgroundCommands:
+        """Start installing PyTorch in the background (the user has confirmed ``plan.describe()``).
+
+        When it has finished without error, call :meth:`ensure_dependencies` with ``confirm=lambda packages: True``
+        on the main thread: it finds torch and installs ``plan.packages`` with ``pip_ensure``.
+        """
+        return BackgroundCommands(plan.torch_commands).start()
 
     # ---------------------------------------------------------------------------------------------- models
     def available_models(self) -> list[ModelChoice]:
@@ -1633,6 +1824,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedPointNodes = []
         self._shortcuts = []
         self._learnRun = None  # MAISSegmentLib.learn.LearnRun in progress
+        self._installRun = None  # BackgroundCommands installing PyTorch
         self._learnCandidates = []  # LearnCandidate per row of learnCasesListWidget
         self._learnResult = None  # the last registered LearnResult
         self._modelChoices = {}  # model id -> ModelChoice of the model selector
@@ -1654,6 +1846,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.connect("timeout()", self._worker.deliver)
         self._pollTimer.connect("timeout()", self._pollLearning)
         self._pollTimer.connect("timeout()", self._pollDownload)
+        self._pollTimer.connect("timeout()", self._pollInstall)
         self._pollTimer.start()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -1705,6 +1898,8 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._removeShortcuts()
         if self._learnRun is not None:
             self._learnRun.cancel()
+        if self._installRun is not None:
+            self._installRun.cancel()
         if self._pollTimer is not None:
             self._pollTimer.stop()
         if self._worker is not None:
@@ -1859,8 +2054,23 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.segmentId = segmentId or ""
 
     def _ensureDependencies(self) -> bool:
-        """Install/check torch and the other packages (dialogs: main thread). False if they are not there."""
+        """True when torch and the other packages are there. Otherwise ask (listing them) and start installing
+        PyTorch in a background process (:meth:`_pollInstall` follows it), and return False: Slicer stays usable and
+        the user repeats the action once the status line says the installation is done."""
+        if self._installRun is not None:
+            self._setStatus(_("PyTorch is still being installed; please wait (see the Python console)."))
+            return False
         try:
+            plan = self.logic.dependency_plan()
+            if plan.torch_commands:
+                if not slicer.util.confirmOkCancelDisplay(plan.describe(), _("MAISSegment: install Python packages")):
+                    self._setStatus(_("MAISSegment cannot run without PyTorch."))
+                    return False
+                self._installRun = self.logic.start_dependency_install(plan)
+                self._showModelProgress(busy=True)
+                self._setStatus(_("Installing PyTorch in the background (several minutes)…"))
+                self._updateGui()
+                return False
             self.logic.ensure_dependencies()
         except Exception as exc:
             slicer.util.errorDisplay(_("MAISSegment cannot start.") + "\n\n" + str(exc))
@@ -1868,6 +2078,33 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.modelComboBox.count == 0:
             self.refreshModels()
         return True
+
+    def _pollInstall(self) -> None:
+        """Poll timer: log the background installation's output; when it ends, finish on the main thread."""
+        run = self._installRun
+        if run is None:
+            return
+        for line in run.take_lines():
+            logging.info("MAISSegment install: %s", line)
+        if not run.finished:
+            return
+        self._installRun = None
+        self._hideModelProgress()
+        self._updateGui()
+        if run.error is not None:
+            self._setStatus(_("PyTorch was not installed."))
+            slicer.util.errorDisplay(
+                _("Installing PyTorch failed; MAISSegment cannot run without it.") + "\n\n" + run.error
+            )
+            return
+        importlib.invalidate_caches()
+        try:  # torch is there now; the other missing packages (already listed to the user) through pip_ensure
+            self.logic.ensure_dependencies(confirm=lambda packages: True)
+        except Exception as exc:
+            slicer.util.errorDisplay(_("MAISSegment cannot start.") + "\n\n" + str(exc))
+            return
+        self.refreshModels()
+        self._setStatus(_("PyTorch is installed: place your point again."))
 
     def onPlaceToggled(self, include: bool, checked: bool) -> None:
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()

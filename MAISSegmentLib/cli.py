@@ -262,7 +262,13 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
     )
     p.add_argument("--lr-encoder", type=float, default=8e-5, help="image encoder learning rate (train only)")
     p.add_argument("--lr-prompt-decoder", type=float, default=8e-5, help="prompt encoder + mask decoder lr")
-    p.add_argument("--lr-memory", type=float, default=8e-4, help="memory attention learning rate")
+    p.add_argument(
+        "--lr-memory",
+        type=float,
+        default=None,
+        help="memory attention learning rate (default: 8e-4 when it starts fresh, the paper's; "
+        "the --lr-prompt-decoder value when the checkpoint has a trained one)",
+    )
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (from scratch: ~100)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes (resume later)")
@@ -347,6 +353,13 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-split", default="test")
     p.add_argument("--loss-size", type=int, default=128, choices=(32, 64, 128))
     p.add_argument("--cpu-bf16", action="store_true")
+    p.add_argument("--lr-prompt-decoder", type=float, default=8e-5, help="prompt encoder + mask decoder lr")
+    p.add_argument(
+        "--lr-memory",
+        type=float,
+        default=None,
+        help="memory attention lr (default: 8e-4 if the base has none trained, else --lr-prompt-decoder)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output folder (fewshot.json, fewshot.png, one run folder per k)")
     p.set_defaults(func=_cmd_fewshot)
@@ -373,6 +386,8 @@ def _cmd_fewshot(args: argparse.Namespace) -> int:
         device=args.device,
         loss_size=args.loss_size,
         cpu_bf16=args.cpu_bf16,
+        lr_prompt_decoder=args.lr_prompt_decoder,
+        lr_memory=args.lr_memory,
         log=lambda s: print(s, file=sys.stderr),
     )
     return 0

@@ -41,6 +41,7 @@ from .model.mais import MAISModel
 from .roi import normalise_roi
 
 TRAIN_STATE_FILE = "last.pth"
+LR_MEMORY_FRESH = 8e-4  # the paper's memory-attention learning rate: the memory is trained from scratch there
 
 
 @dataclass
@@ -58,7 +59,8 @@ class TrainConfig:
     use_memory: bool = True  # False trains the no-memory model
     lr_encoder: float = 8e-5  # image encoder (mode "train" only)
     lr_prompt_decoder: float = 8e-5  # prompt encoder and mask decoder
-    lr_memory: float = 8e-4  # memory attention (from scratch)
+    lr_memory: float | None = None  # memory attention; None: LR_MEMORY_FRESH when it starts fresh (the paper:
+    # trained from scratch), lr_prompt_decoder when the starting checkpoint has a trained one (see resolve_lr_memory)
     weight_decay: float = 0.1
     milestones: tuple[float, float] = (0.645, 0.9)  # fractions of steps where the lr drops x0.1
     warmup_steps: int = 0  # linear learning-rate warm-up (0: the paper's schedule; from scratch use ~100)
@@ -271,7 +273,8 @@ def param_groups(model: MAISModel, cfg: TrainConfig) -> list[dict[str, Any]]:
         }
     ]
     if model.has_memory and cfg.use_memory:
-        groups.append({"params": list(model.memory_attention.parameters()), "lr": cfg.lr_memory, "name": "memory"})
+        lr_memory = LR_MEMORY_FRESH if cfg.lr_memory is None else cfg.lr_memory
+        groups.append({"params": list(model.memory_attention.parameters()), "lr": lr_memory, "name": "memory"})
     if cfg.mode == "train":
         groups.append({"params": enc, "lr": cfg.lr_encoder, "name": "encoder"})
     return groups
@@ -367,6 +370,9 @@ def train(
             f"crop_size {cfg.crop_size} differs from the model's input size {model.cfg.image_encoder.img_size}"
         )
     model.train()
+    cfg = resolve_lr_memory(cfg, model, resumed=start_ckpt is not None)
+    if cfg.mode == "finetune" and model.has_memory and cfg.use_memory:
+        log(f"memory attention {model.load_report.memory_attention}: lr {cfg.lr_memory:g}")
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step))
     step = 0
@@ -430,6 +436,28 @@ def train(
     if world > 1:
         dist.barrier()
     return model.eval()
+
+
+def resolve_lr_memory(cfg: TrainConfig, model: MAISModel, resumed: bool = False) -> TrainConfig:
+    """``cfg`` with ``lr_memory`` set when it is ``None``.
+
+    The paper's 8e-4 is for a memory attention trained from scratch on top of a pretrained SAM-Med3D.
+    When the starting checkpoint already has a trained memory attention (a MAISSegment model, the
+    built-in one included), 8e-4 on 1-3 cases wipes out what it learnt (measured on the built-in model:
+    fine-tuning on the myocardium lowered its Dice@5 from 0.19 to 0.07), so it is then fine-tuned at the
+    prompt encoder/decoder's rate. On ``resumed`` runs the value recorded in the checkpoint is kept.
+    """
+    if cfg.lr_memory is not None:
+        return cfg
+    report = getattr(model, "load_report", None)
+    recorded = (getattr(report, "provenance", None) or {}).get("recipe", {}).get("lr_memory") if resumed else None
+    if recorded is not None:
+        lr = float(recorded)
+    elif report is not None and report.memory_attention == "loaded":
+        lr = cfg.lr_prompt_decoder
+    else:
+        lr = LR_MEMORY_FRESH
+    return dataclasses.replace(cfg, lr_memory=lr)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:

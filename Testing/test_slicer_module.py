@@ -401,6 +401,73 @@ def test_dependencies_are_listed_before_anything_is_installed(module, monkeypatc
         logic.ensure_dependencies()
 
 
+def test_pytorch_is_installed_by_a_background_process_after_one_confirmation(module, monkeypatch, tmp_path):
+    """Inside Slicer (simulated) without torch: the plan lists PyTorch and the missing packages in one text, and the
+    install commands are PyTorchUtils' light-the-torch arguments run by Slicer's Python, not on the main thread."""
+    import importlib.util
+
+    import slicer
+
+    logic = module.MAISSegmentLogic()
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("scipy>=1.0\nmaissegment-no-such-package>=1.0\n")
+    logic.requirements_file = str(requirements)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name))
+    assert logic.dependency_plan().torch_commands == []  # outside Slicer nothing is installed
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(), raising=False)
+    with pytest.raises(module.MAISSegmentError, match="PyTorch extension"):
+        logic.dependency_plan()
+
+    class PyTorchUtilsLogic:
+        @staticmethod
+        def _getPipInstallArguments(backend=None, torch_requirement=None, torchvision_requirement=None):
+            return ["install", "torch" + (torch_requirement or ""), "torchvision"]
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    plan = logic.dependency_plan()
+    python = module.slicer_python()
+    assert plan.needed and plan.packages == ["maissegment-no-such-package>=1.0"]
+    assert plan.torch_commands == [
+        [python, "-m", "pip", "install", "--disable-pip-version-check", "light-the-torch>=0.5"],
+        [python, "-m", "light_the_torch", "install", "torch>=2.5", "torchvision"],
+    ]
+    text = plan.describe()
+    assert "PyTorch (torch>=2.5)" in text and "• maissegment-no-such-package>=1.0" in text
+    del PyTorchUtilsLogic._getPipInstallArguments  # another version of the extension: the plain form
+    assert logic.dependency_plan().torch_commands[1][3:] == ["install", "torch>=2.5"]
+
+
+def test_background_commands_stream_output_and_stop_at_the_first_failure(module):
+    fast = [sys.executable, "-c", "print('one'); print('two')"]
+    failing = [sys.executable, "-c", "import sys; print('no matching distribution'); sys.exit(3)"]
+    never = [sys.executable, "-c", "print('never')"]
+    run = module.BackgroundCommands([fast, failing, never]).start()
+    assert run.wait(60)
+    lines = run.take_lines()
+    assert "one" in lines and "two" in lines and "never" not in lines
+    assert lines[0].startswith("$ ") and run.take_lines() == []
+    assert "exit status 3" in run.error and "no matching distribution" in run.error
+    ok = module.BackgroundCommands([fast]).start()
+    assert ok.wait(60) and ok.error is None
+
+
+def test_background_commands_leave_the_caller_free_and_can_be_cancelled(module):
+    slow = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    run = module.BackgroundCommands([slow, slow]).start()
+    assert not run.finished  # start() returned while the command runs
+    deadline = time.monotonic() + 30
+    seen = []
+    while "started" not in seen and time.monotonic() < deadline:
+        seen += run.take_lines()
+        time.sleep(0.05)
+    run.cancel()
+    assert run.wait(30) and run.cancelled and run.error == "cancelled"
+    assert sum(line == "started" for line in seen + run.take_lines()) == 1  # the second command never ran
+    missing = module.BackgroundCommands([["maissegment-no-such-program"]]).start()
+    assert missing.wait(30) and "could not run" in missing.error
+
+
 # ------------------------------------------------------------------------------------------------ logic on MRML
 @pytest.fixture()
 def scene(mrml, module):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers.synthetic_training import first_gradients, sphere_sample, tiny_config
 
-from conftest import TESTING
+from conftest import TESTING, TINY
 from MAISSegmentLib import build_model
-from MAISSegmentLib.train import param_groups, run_episode, simulate_click, train
+from MAISSegmentLib.train import LR_MEMORY_FRESH, param_groups, resolve_lr_memory, run_episode, simulate_click, train
 
 
 def test_finetune_freezes_encoder_and_trains_prompt_decoder_memory():
@@ -41,6 +41,33 @@ def test_long_backprop_window_through_the_memory(mode, loss_size, cpu_bf16):
     assert all(g is not None for g in mem_grads) and sum(g.abs().sum() for g in mem_grads) > 0
     enc_has_grad = any(p.grad is not None for p in model.image_encoder.parameters())
     assert enc_has_grad == (mode == "train")
+
+
+def test_memory_lr_is_the_papers_when_fresh_and_the_decoders_when_already_trained(tmp_path):
+    """8e-4 is for a memory attention trained from scratch (on SAM-Med3D weights); a MAISSegment checkpoint's trained
+    memory is fine-tuned at the prompt encoder/decoder rate, and an explicit value always wins."""
+    cfg = tiny_config(lr_memory=None)
+    sam = build_model(None, checkpoint=TINY / "ref_tiny.pth")  # SAM-Med3D weights: no memory attention in the file
+    assert sam.load_report.memory_attention == "fresh"
+    assert resolve_lr_memory(cfg, sam).lr_memory == LR_MEMORY_FRESH == 8e-4
+    train(tiny_config(steps=1), sphere_sample, tmp_path / "base", progress=False, log=lambda s: None)
+    base = tmp_path / "base" / "model.pth"
+    mais = build_model(None, checkpoint=base)
+    assert mais.load_report.memory_attention == "loaded"
+    assert resolve_lr_memory(cfg, mais).lr_memory == cfg.lr_prompt_decoder
+    assert resolve_lr_memory(tiny_config(lr_memory=3e-4), mais).lr_memory == 3e-4
+    messages = []
+    tuned = train(
+        tiny_config(steps=1, lr_memory=None, preset=None, init_checkpoint=str(base)),
+        sphere_sample,
+        tmp_path / "ft",
+        progress=False,
+        log=messages.append,
+    )
+    assert "memory attention loaded: lr 8e-05" in messages
+    again = build_model(None, checkpoint=tmp_path / "ft" / "model.pth")
+    assert again.load_report.provenance["recipe"]["lr_memory"] == 8e-5
+    assert tuned.load_report.memory_attention == "loaded"
 
 
 def test_simulated_clicks_follow_the_error_region():

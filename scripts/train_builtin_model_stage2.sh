@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Stage 2 of the built-in model's recipe: continue training the stage-1 model (scripts/train_builtin_model.sh,
+# released as mais-small-shared 0.1.0) on the same train split of ../shared/data with a new data order (seed 1),
+# longer click episodes (12 interactions instead of 8, so the memory learns from more clicks: 0.1.0 flattened after
+# ~10 clicks) and a second, lower learning-rate cycle: 1e-4 for every group after a 50-step warm-up, x0.1 at steps
+# 968 and 1350 of 1500. CPU, bf16 autocast, Dice loss at 32^3; resumable like stage 1.
+#   nohup bash scripts/train_builtin_model_stage2.sh --time-limit 75 > runs/train2.log 2>&1 &
+# INIT is the stage-1 weights: runs/mais-small-shared/model.pth when stage 1 ran here, else the released 0.1.0 file
+# (git show e15c0d4:Resources/models/mais-small-shared.pth > runs/mais-small-shared-0.1.0.pth; SHA-256 c54afbda2825...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=runs/mais-small-shared-stage2
+INIT="${INIT:-runs/mais-small-shared/model.pth}"
+[ -f "$INIT" ] || INIT=runs/mais-small-shared-0.1.0.pth
+export MAIS_CACHE_DIR="${MAIS_CACHE_DIR:-$PWD/runs/cache}"
+RESUME=()
+[ -f "$OUT/last.pth" ] && RESUME=(--resume)
+.venv/bin/mais train --manifest ../shared/data/manifest.json --split train --checkpoint "$INIT" \
+  --steps 1500 --batch-size 2 --episode-clicks 12 --tbptt 4 --memory-size 60 \
+  --lr-encoder 1e-4 --lr-prompt-decoder 1e-4 --lr-memory 1e-4 --warmup-steps 50 \
+  --loss-size 32 --cpu-bf16 --checkpoint-every 25 --device cpu --seed 1 \
+  --model-id mais-small-shared --version 0.2.0 --out "$OUT" "${RESUME[@]}" "$@"
