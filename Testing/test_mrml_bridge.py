@@ -443,11 +443,16 @@ def test_seg_nrrd_read_by_slicerio_has_names_values_and_our_mask(scene, tmp_path
     assert writer.WriteData(seg)
     data = slicerio.read_segmentation(str(path))
     assert slicerio.segment_names(data) == ["target", "other", "locked"]
+    values = [(s["layer"], s["labelValue"]) for s in data["segments"]]
+    assert len(set(values)) == len(values), f"two segments share a layer and label value: {values}"
     ras_to_ijk = np.linalg.inv(oblique_affine())
     lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
     for name, expected in (("target", target), ("other", other)):
         info = next(s for s in data["segments"] if s["name"] == name)
-        assert info["labelValue"] >= 1
+        segment = seg.GetSegmentation().GetSegment(ids[name])  # the values the file must carry: the node's
+        assert info["labelValue"] == segment.GetLabelValue() >= 1
+        assert info["layer"] == seg.GetSegmentation().GetLayerIndex(ids[name])
+        assert info["id"] == ids[name]
         voxels = slicerio.segment_mask(data, name)  # IJK order, LPS geometry, maybe cropped
         ijk = np.argwhere(voxels)
         mapped = (ras_to_ijk @ lps_to_ras @ np.asarray(data["ijkToLPS"]) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
