@@ -46,11 +46,13 @@ def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
-def training_facts(log_csv: Path) -> str:
+def training_facts(log_csv: Path, batch_size: int = 2) -> str:
     """A paragraph on the run: steps, episodes, wall time, loss and training Dice early vs late."""
-    rows = list(csv.DictReader(log_csv.open()))
+    rows = list(csv.DictReader(log_csv.open())) if log_csv.exists() else []
+    # a resumed run logs again the steps after its last checkpoint: keep the last row of each step
+    rows = sorted({int(r["step"]): r for r in rows}.values(), key=lambda r: int(r["step"]))
     if not rows:
-        return "Training log: not found."
+        return f"Training log `{_shown(log_csv)}`: not found."
     n = len(rows)
     w = min(50, n)
     first, last = rows[:w], rows[-w:]
@@ -60,11 +62,19 @@ def training_facts(log_csv: Path) -> str:
 
     hours = (float(rows[-1]["time"]) - float(rows[0]["time"])) / 3600
     return (
-        f"Run as released: {rows[-1]['step']} steps ({2 * n} episodes), {hours:.2f} h of wall time on the 2-core "
-        f"CPU (other work shared the machine part of the time). Steps 1–{w}: loss {mean(first, 'loss'):.3f}, "
+        f"Run as released: {rows[-1]['step']} steps ({batch_size * n} episodes), {hours:.2f} h of wall time on the "
+        f"2-core CPU (other work shared the machine part of the time). Steps 1–{w}: loss {mean(first, 'loss'):.3f}, "
         f"training Dice after the last click {mean(first, 'last_click_dice'):.3f}; steps {n - w + 1}–{n}: loss "
-        f"{mean(last, 'loss'):.3f}, Dice {mean(last, 'last_click_dice'):.3f} (log: `runs/mais-small-shared/log.csv`)."
+        f"{mean(last, 'loss'):.3f}, Dice {mean(last, 'last_click_dice'):.3f} (log: `{_shown(log_csv)}`)."
     )
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (no machine paths in the card)."""
+    try:
+        return path.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return path.name
 
 
 def _family(name: str) -> str:
