@@ -17,7 +17,7 @@ from .data import PreprocessCache, list_targets, load_cases
 from .errors import ConfigError
 from .evaluate import ModelMethod, evaluate, plot_results, result_document
 from .fileutil import atomic_write_text
-from .train import TargetSampler, TrainConfig, train
+from .train import TargetSampler, TrainConfig, resolve_lr_memory, train
 
 
 def family_targets(targets: list, structures: Sequence[str]) -> list:
@@ -50,8 +50,9 @@ def run_fewshot(
     if not train_t or not eval_t:
         raise ConfigError(f"no {'/'.join(structures)} targets in the {train_split!r} or {eval_split!r} split")
     case_order = list(dict.fromkeys(t.case.id for t in train_t))
-    methods: dict[str, Any] = {"base": ModelMethod(build_model(None, checkpoint=base_checkpoint, device=device), True)}
-    runs = {}
+    base = build_model(None, checkpoint=base_checkpoint, device=device)
+    methods: dict[str, Any] = {"base": ModelMethod(base, True)}
+    runs, recipe = {}, {}
     for k in n_cases:
         if k > len(case_order):
             raise ConfigError(f"only {len(case_order)} training cases contain {structures}; cannot use {k}")
@@ -80,6 +81,14 @@ def run_fewshot(
         )
         methods[f"finetuned-{k}"] = ModelMethod(model, True)
         runs[k] = sorted(keep)
+        cfg = resolve_lr_memory(cfg, base)
+        recipe = {
+            "lr_prompt_decoder": cfg.lr_prompt_decoder,
+            "lr_memory": cfg.lr_memory,
+            "loss_size": cfg.loss_size,
+            "episode_clicks": cfg.episode_clicks,
+            "batch_size": cfg.batch_size,
+        }
     results = evaluate(eval_t, methods, clicks, progress=False)
     doc = result_document(
         f"fewshot {structures} k={list(n_cases)}",
@@ -96,6 +105,7 @@ def run_fewshot(
         "structures": list(structures),
         "train_cases": {str(k): v for k, v in runs.items()},
         "steps": steps,
+        **recipe,
     }
     atomic_write_text(out / "fewshot.json", json.dumps(doc, indent=1))
     plot_results(doc, out / "fewshot.png")

@@ -189,6 +189,9 @@ def test_fewshot_experiment(manifest, tmp_path, monkeypatch):
     assert list(doc["methods"]) == ["base", "finetuned-1", "finetuned-2"]
     assert doc["fewshot"]["train_cases"] == {"1": ["synth__c0"], "2": ["synth__c0", "synth__c1"]}
     assert doc["data"]["n_targets"] == 1 and (out / "fewshot.png").exists()
+    # SAM-Med3D weights have no memory attention: it is trained from scratch at the paper's 8e-4
+    assert doc["fewshot"]["lr_memory"] == 8e-4 and doc["fewshot"]["lr_prompt_decoder"] == 8e-5
+    assert doc["fewshot"]["loss_size"] == 32
     bad = mais(
         "fewshot",
         "--checkpoint",

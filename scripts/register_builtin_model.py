@@ -156,10 +156,12 @@ def fewshot_section(path: Path | None) -> str:
     doc = json.loads(path.read_text())
     fs = doc["fewshot"]
     cases = "; ".join(f"k = {k}: {', '.join(v)}" for k, v in fs["train_cases"].items())
+    lr_pd, lr_mem = fs.get("lr_prompt_decoder", 8e-5), fs.get("lr_memory", 8e-4)  # older files: the paper's
+    loss = f", Dice loss at {fs['loss_size']}³" if "loss_size" in fs else ""
     return (
         f"`mais fewshot` on the family {', '.join(fs['structures'])}: `mais finetune` of this model (the MAIS "
-        f"recipe: image encoder frozen, prompt encoder + decoder 8e-5, memory attention 8e-4, {fs['steps']} "
-        f"steps) on k training cases ({cases}), then the robot user on that family's "
+        f"recipe: image encoder frozen, AdamW, MultiStepLR; prompt encoder + decoder {lr_pd:g}, memory attention "
+        f"{lr_mem:g}{loss}, {fs['steps']} steps) on k training cases ({cases}), then the robot user on that family's "
         f"{doc['data']['n_targets']} targets of the `test` split ({doc['data']['n_cases']} volumes):\n\n"
         f"{method_table(doc)}"
     )
