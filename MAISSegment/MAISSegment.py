@@ -394,6 +394,24 @@ class DependencyPlan:
         return "\n".join(lines)
 
 
+def _pytorch_utils() -> Any:
+    """The PyTorch extension's ``PyTorchUtils`` module (imported at first use).
+
+    Raises:
+        MAISSegmentError: the extension is not installed (the message says how to get it).
+    """
+    try:
+        import PyTorchUtils
+    except ModuleNotFoundError:
+        raise MAISSegmentError(
+            _(
+                "MAISSegment needs the PyTorch extension: install 'PyTorch' from the Extensions Manager and "
+                "restart Slicer."
+            )
+        ) from None
+    return PyTorchUtils
+
+
 def slicer_python() -> str:
     """The Python interpreter that installs into this Slicer (``PythonSlicer``), else this process's Python."""
     import shutil
@@ -745,16 +763,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _ensure_torch(in_slicer: bool) -> None:
         if in_slicer:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise MAISSegmentError(
-                    _(
-                        "MAISSegment needs the PyTorch extension: install 'PyTorch' from the Extensions Manager and "
-                        "restart Slicer."
-                    )
-                ) from None
-            torch_logic = PyTorchUtils.PyTorchUtilsLogic()
+            torch_logic = _pytorch_utils().PyTorchUtilsLogic()
             if not torch_logic.torchInstalled():
                 logging.info("MAISSegment: PyTorch is required; installing it (this may take several minutes)")
                 if (
@@ -800,18 +809,9 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         ``light_the_torch install`` with the arguments PyTorchUtils builds (its ``_getPipInstallArguments``, when it
         has one), so the result is the one the extension would give.
         """
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            raise MAISSegmentError(
-                _(
-                    "MAISSegment needs the PyTorch extension: install 'PyTorch' from the Extensions Manager and "
-                    "restart Slicer."
-                )
-            ) from None
         requirement = f">={MIN_TORCH_VERSION}"
         arguments = None
-        build = getattr(PyTorchUtils.PyTorchUtilsLogic, "_getPipInstallArguments", None)
+        build = getattr(_pytorch_utils().PyTorchUtilsLogic, "_getPipInstallArguments", None)
         if build is not None:
             try:
                 arguments = list(build(None, requirement))
