@@ -3,9 +3,9 @@
 # released as mais-small-shared 0.1.0) on the same train split of ../shared/data with a new data order (seed 1),
 # longer click episodes (12 interactions instead of 8, so the memory learns from more clicks: 0.1.0 flattened after
 # ~10 clicks) and a second, lower learning-rate cycle: 1e-4 for every group after a 50-step warm-up, x0.1 at steps
-# 387 and 540 of 600. CPU, bf16 autocast; resumable like stage 1. 600 steps is what fits one working session at the
-# ~0.2-0.4 episodes/s of these longer episodes on 2 shared cores (the run was started with --steps 1500 and changed to
-# 600 at step 75, before any milestone: the same trajectory as starting with 600).
+# 290 and 405 of 450. CPU, bf16 autocast; resumable like stage 1. 450 steps is what fitted one working session at the
+# 0.2-0.5 episodes/s of these longer episodes on 2 shared cores (the run was started with --steps 1500, changed to
+# 600 at step 75 and to 450 at step 200, all before the first milestone: the same trajectory as starting with 450).
 # Dice loss at 64^3 (3 mm) instead of stage 1's 32^3 (6 mm): 0.1.0's weakest families are all thin (myocardium
 # Dice@10 0.21, mandible 0.31, spinal cord 0.33, ribs 0.34), and a 32^3 area-averaged target turns a 1-2 voxel thick
 # ring or tube into a soft blob; 64^3 costs ~8 ms per click here, 128^3 ~90 ms (about twice the whole step).
@@ -21,7 +21,7 @@ export MAIS_CACHE_DIR="${MAIS_CACHE_DIR:-$PWD/runs/cache}"
 RESUME=()
 [ -f "$OUT/last.pth" ] && RESUME=(--resume)
 .venv/bin/mais train --manifest ../shared/data/manifest.json --split train --checkpoint "$INIT" \
-  --steps 600 --batch-size 2 --episode-clicks 12 --tbptt 4 --memory-size 60 \
+  --steps 450 --batch-size 2 --episode-clicks 12 --tbptt 4 --memory-size 60 \
   --lr-encoder 1e-4 --lr-prompt-decoder 1e-4 --lr-memory 1e-4 --warmup-steps 50 \
   --loss-size 64 --cpu-bf16 --checkpoint-every 25 --device cpu --seed 1 \
   --model-id mais-small-shared --version 0.2.0 --out "$OUT" "${RESUME[@]}" "$@"
