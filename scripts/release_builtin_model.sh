@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Release the built-in model: export the training checkpoint of scripts/train_builtin_model_stage2.sh as the bundled
+# Release the built-in model: export the training checkpoint of scripts/train_builtin_model.sh as the bundled
 # float16 weight file, then measure the model card's figures on the exported file (not on the training
 # checkpoint): the full test split (MAIS / no memory / Grow from seeds at 1, 5, 10, 20 clicks) and the
 # few-shot curve: fine-tuning on 1 and 3 training cases of the mandible (OpenKBP), one of 0.1.0's weakest families
@@ -14,15 +14,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-export eval fewshot register}"
-CKPT="${CKPT:-runs/mais-small-shared-stage2/last.pth}"  # stage 2 of the recipe (scripts/train_builtin_model_stage2.sh)
-LOG="${LOG:-runs/mais-small-shared-stage2/log.csv}"
+CKPT="${CKPT:-runs/mais-small-shared/last.pth}"  # scripts/train_builtin_model.sh (stage 2 was tried, not released)
+LOG="${LOG:-runs/mais-small-shared/log.csv}"
 FAMILY="${FEWSHOT_FAMILY:-Mandible}"
 REL=Resources/models/mais-small-shared.pth
 OUT=runs/release
 export MAIS_CACHE_DIR="${MAIS_CACHE_DIR:-$PWD/runs/cache}"
 mkdir -p "$OUT" Resources/models
 if [[ " $STEPS " == *" export "* ]]; then
-  .venv/bin/mais weights export "$CKPT" --out "$REL" --dtype float16 --version "${VERSION:-0.2.0}" | tee "$OUT/export.txt"
+  .venv/bin/mais weights export "$CKPT" --out "$REL" --dtype float16 --version "${VERSION:-0.1.0}" | tee "$OUT/export.txt"
 fi
 if [[ " $STEPS " == *" eval "* ]]; then
   .venv/bin/mais evaluate --manifest ../shared/data/manifest.json --split test \
