@@ -56,6 +56,8 @@ class SessionOptions:
     max_new_rois_per_click: int = 2  # growth per click is capped (each new ROI costs an encoder run); the
     # object keeps growing with the next clicks, so a click always answers in bounded time
     grow_min_face_voxels: int = 2  # low-res voxels of a face the mask must cover before a neighbour is added
+    grow_connected: bool = False  # grow only from the parts of the mask connected to the ROI's include points
+    # (a fine-tuned model's small leaks across a window face then open no new ROI; see the model card)
     blend_margin: float = 16.0  # ROI voxels over which overlapping ROIs cross-fade
     click_margin: float = 4.0  # a click within this many ROI voxels of a face opens a new ROI
     max_image_voxels: int = 2_000_000_000  # refuse larger images (the mask alone needs 1 byte/voxel)
@@ -89,6 +91,39 @@ class Click:
 
     def to_json(self) -> dict[str, Any]:
         return {"ras": [float(x) for x in self.ras], "include": bool(self.include)}
+
+
+def connected_to_includes(
+    positive: np.ndarray, points: Sequence[Sequence[float]], labels: Sequence[int], roi_size: int
+) -> np.ndarray:
+    """The connected components (26-connectivity) of a low-res ROI mask that contain an include point.
+
+    Args:
+        positive: ``(n, n, n)`` bool low-res mask of a ROI, (R, A, S) order (``n = roi_size / 4`` for SAM-Med3D).
+        points, labels: the ROI's clicks in ROI voxel indices (R, A, S) and their labels (1 = include).
+        roi_size: the ROI's edge in voxels (128).
+
+    An include point on a background voxel of ``positive`` uses the components in its 3^3 low-res neighbourhood.
+    When no include point touches the mask (e.g. only automatic seeds) the mask is returned unchanged.
+    """
+    from scipy import ndimage
+
+    components, count = ndimage.label(positive, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return positive
+    n = positive.shape[-1]
+    scale = n / roi_size
+    keep: set[int] = set()
+    for point, label in zip(points, labels):
+        if label != 1:
+            continue
+        idx = np.clip(np.rint((np.asarray(point) + 0.5) * scale - 0.5).astype(int), 0, n - 1)
+        near = components[tuple(slice(max(0, i - 1), i + 2) for i in idx)]
+        centre = components[tuple(idx)]
+        keep |= {int(centre)} if centre else {int(v) for v in np.unique(near) if v}
+    if not keep:
+        return positive
+    return np.isin(components, sorted(keep))
 
 
 @dataclass
@@ -492,6 +527,8 @@ class InteractiveSession:
             if st.prev is None:
                 continue
             pos = (st.prev[0, 0] > 0).cpu().numpy()
+            if self.options.grow_connected:
+                pos = connected_to_includes(pos, st.points, st.labels, st.roi.size)
             half = st.roi.size * st.roi.spacing / 2
             for axis in range(3):
                 for sign in (-1, 1):
@@ -508,7 +545,7 @@ class InteractiveSession:
                         continue  # already covered
                     if len(self._rois) >= self.options.max_rois:
                         return
-                    seed = self._seed_point(st, center)
+                    seed = self._seed_point(st, center, pos)
                     if seed is None:
                         continue
                     new = self._new_roi_state(center)
@@ -518,11 +555,12 @@ class InteractiveSession:
                     if budget == 0:
                         return
 
-    def _seed_point(self, st: _RoiState, new_center: np.ndarray) -> np.ndarray | None:
-        """RAS of the source ROI's most confident positive low-res voxel inside the new ROI (with margin)."""
+    def _seed_point(self, st: _RoiState, new_center: np.ndarray, positive: np.ndarray) -> np.ndarray | None:
+        """RAS of the source ROI's most confident voxel of ``positive`` (its low-res mask, (R, A, S)) inside the
+        new ROI (with margin)."""
         logits = st.prev[0, 0].cpu()
         scale = st.roi.size / logits.shape[-1]
-        pos = (logits > 0).nonzero().numpy()
+        pos = np.argwhere(positive)
         if len(pos) == 0:
             return None
         ras = st.roi.roi_to_ras((pos + 0.5) * scale - 0.5)

@@ -220,6 +220,9 @@ def test_rois_grow_when_the_mask_reaches_a_face(model):
     assert len(no_grow.rois) == 1
     assert 1 < grown <= 4  # these weights predict a large blob that touches the window's faces
     assert s.mask.sum() > no_grow.mask.sum()
+    connected = new_session(model, vol, grow_rois=True, max_rois=4, max_new_rois_per_click=4, grow_connected=True)
+    connected.add_click((0.0, 0.0, 0.0), True)
+    assert len(connected.rois) == grown  # the blob holds the click: it still grows
     s2 = InteractiveSession.from_state(model, vol, s.state())  # replay grows the same ROIs
     assert s2.rois == s.rois and np.array_equal(s2.mask, s.mask)
     s.undo()
@@ -409,3 +412,22 @@ def test_replace_clicks_equals_a_fresh_session_and_is_undoable(model, volume):
     assert np.array_equal(s.mask, ref.mask)
     s.undo()
     assert np.array_equal(s.mask, before)
+
+
+def test_growth_can_be_limited_to_the_parts_connected_to_include_points():
+    """``grow_connected``: a leak that is not connected to any include point opens no neighbouring ROI."""
+    from MAISSegmentLib.session import connected_to_includes
+
+    mask = np.zeros((32, 32, 32), bool)
+    mask[10:20, 10:20, 10:20] = True  # the object, around the include point
+    mask[0:3, 25:30, 25:30] = True  # a leak touching the R- face, not connected to it
+    kept = connected_to_includes(mask, [(60.0, 60.0, 60.0)], [1], 128)  # ROI voxel 60 -> low-res 15
+    assert kept[15, 15, 15] and not kept[0:3, 25:30, 25:30].any() and kept.sum() == 1000
+    # an include point in a hole of the mask uses the component next to it; exclude points select nothing
+    assert connected_to_includes(mask, [(38.0, 60.0, 60.0)], [1], 128).sum() == 1000  # low-res 9, next to 10
+    assert np.array_equal(connected_to_includes(mask, [(60.0, 60.0, 60.0)], [0], 128), mask)
+    # nothing to anchor to (only automatic seeds far away) or a single component: unchanged
+    assert np.array_equal(connected_to_includes(mask, [(120.0, 4.0, 4.0)], [1], 128), mask)
+    single = mask.copy()
+    single[0:3] = False
+    assert connected_to_includes(single, [], [], 128) is single
