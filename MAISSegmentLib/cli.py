@@ -148,7 +148,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="Dice vs clicks with the robot user (docs/EVALUATION.md); JSON + PNG")
     p.add_argument("--manifest", required=True, help="manifest JSON (or a folder of image/label pairs)")
     p.add_argument("--split", default=None, help="only cases of this split (e.g. test)")
-    p.add_argument("--methods", default="mais,no-memory,growcut", help="mais, no-memory, growcut, ckpt:FILE")
+    p.add_argument(
+        "--methods", default="mais,no-memory,growcut", help="mais, no-memory, mais-connected, growcut, ckpt:FILE"
+    )
     _add_model_choice(p, "weights for the mais / no-memory methods")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unsafe unpickling of the checkpoints")
     p.add_argument("--clicks", default="1,5,10,20", help="click counts at which Dice is recorded")
@@ -174,18 +176,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     base = None
     methods: dict[str, object] = {}
     for name in names:
-        if name in ("mais", "no-memory"):
+        if name in ("mais", "no-memory", "mais-connected"):
             if base is None:
                 checkpoint = _model_checkpoint(args, f"method {name!r}")
                 base = build_model(None, checkpoint=checkpoint, device=args.device, trusted=args.trust_checkpoint)
-            methods[name] = ModelMethod(base, use_memory=name == "mais", memory_size=args.memory_size)
+            methods[name] = ModelMethod(
+                base,
+                use_memory=name != "no-memory",
+                memory_size=args.memory_size,
+                grow_connected=name == "mais-connected",
+            )
         elif name == "growcut":
             methods[name] = GrowCutMethod()
         elif name.startswith("ckpt:"):
             model = build_model(None, checkpoint=name[5:], device=args.device, trusted=args.trust_checkpoint)
             methods[name] = ModelMethod(model, use_memory=True, memory_size=args.memory_size)
         else:
-            raise PromptError(f"unknown method {name!r}; use mais, no-memory, growcut or ckpt:FILE")
+            raise PromptError(f"unknown method {name!r}; use mais, no-memory, mais-connected, growcut or ckpt:FILE")
     cases = load_cases(args.manifest, split=args.split)
     targets, skipped = list_targets(cases)
     if args.max_targets and len(targets) > args.max_targets:

@@ -3,7 +3,8 @@
 Methods, compared in one run on the same targets:
 
 * ``mais``: the model with memory; ``no-memory``: the same weights with the memory off (the paper's
-  Ft-SAM3D); ``ckpt:FILE``: another checkpoint (with memory if it has one);
+  Ft-SAM3D); ``mais-connected``: ``mais`` with ``SessionOptions.grow_connected`` (ROIs grow only from the mask
+  connected to include points); ``ckpt:FILE``: another checkpoint (with memory if it has one);
 * ``growcut``: Slicer's Grow from seeds (``vtkImageGrowCutSegment`` from slicer-core) seeded with the
   same kind of clicks, restricted to the region the model sees (the 192 mm ROI box of the first click).
 
@@ -50,8 +51,9 @@ def target_seed(seed: int, case_id: str, label: int) -> int:
 class ModelMethod:
     """A network method: clicks go through an :class:`InteractiveSession` on the original grid."""
 
-    def __init__(self, model: MAISModel, use_memory: bool, memory_size: int = 60) -> None:
+    def __init__(self, model: MAISModel, use_memory: bool, memory_size: int = 60, grow_connected: bool = False) -> None:
         self.model, self.use_memory, self.memory_size = model, use_memory and model.has_memory, memory_size
+        self.grow_connected = grow_connected  # SessionOptions.grow_connected (the ``mais-connected`` method)
         self.session: InteractiveSession | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -61,11 +63,15 @@ class ModelMethod:
             "sha256": rep.sha256 if rep else None,
             "memory": self.use_memory,
             "memory_size": self.memory_size if self.use_memory else 0,
+            "grow_connected": self.grow_connected,
         }
 
     def start(self, volume: Volume) -> None:
         self.session = InteractiveSession(
-            self.model, SessionOptions(use_memory=self.use_memory, memory_size=self.memory_size)
+            self.model,
+            SessionOptions(
+                use_memory=self.use_memory, memory_size=self.memory_size, grow_connected=self.grow_connected
+            ),
         )
         self.session.set_image(volume)
 
