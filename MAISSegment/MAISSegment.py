@@ -278,9 +278,8 @@ class BackgroundCommands:
 
     TAIL_LINES = 12  # output lines quoted in the error message
 
-    def __init__(self, commands: Sequence[Sequence[str]], env: dict[str, str] | None = None) -> None:
+    def __init__(self, commands: Sequence[Sequence[str]]) -> None:
         self.commands = [list(c) for c in commands]
-        self._env = env
         self._lines: queue.Queue = queue.Queue()
         self._tail: collections.deque = collections.deque(maxlen=self.TAIL_LINES)
         self._process = None
@@ -341,7 +340,6 @@ class BackgroundCommands:
                     stdin=subprocess.DEVNULL,
                     text=True,
                     errors="replace",
-                    env=self._env,
                 )
                 for line in self._process.stdout:
                     line = line.rstrip()
@@ -738,12 +736,8 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _confirm_install(packages: list[str]) -> bool:
-        text = _("MAISSegment needs these Python packages, which will be downloaded and installed now:") + "\n\n"
-        return bool(
-            slicer.util.confirmOkCancelDisplay(
-                text + "\n".join(f"• {p}" for p in packages), _("MAISSegment: install Python packages")
-            )
-        )
+        text = DependencyPlan(packages=list(packages)).describe()
+        return bool(slicer.util.confirmOkCancelDisplay(text, _("MAISSegment: install Python packages")))
 
     @staticmethod
     def _pip_install(packages: list[str]) -> None:

@@ -19,6 +19,9 @@ from .evaluate import ModelMethod, evaluate, plot_results, result_document
 from .fileutil import atomic_write_text
 from .train import TargetSampler, TrainConfig, resolve_lr_memory, train
 
+# TrainConfig fields recorded in fewshot.json ("fewshot" part)
+FEWSHOT_RECIPE_FIELDS = ("lr_prompt_decoder", "lr_memory", "loss_size", "episode_clicks", "batch_size")
+
 
 def family_targets(targets: list, structures: Sequence[str]) -> list:
     """Targets whose name contains one of ``structures`` (case-insensitive)."""
@@ -52,7 +55,8 @@ def run_fewshot(
     case_order = list(dict.fromkeys(t.case.id for t in train_t))
     base = build_model(None, checkpoint=base_checkpoint, device=device)
     methods: dict[str, Any] = {"base": ModelMethod(base, True)}
-    runs, recipe = {}, {}
+    runs: dict[int, list[str]] = {}
+    recipe: dict[str, Any] = {}
     for k in n_cases:
         if k > len(case_order):
             raise ConfigError(f"only {len(case_order)} training cases contain {structures}; cannot use {k}")
@@ -81,14 +85,9 @@ def run_fewshot(
         )
         methods[f"finetuned-{k}"] = ModelMethod(model, True)
         runs[k] = sorted(keep)
+    if runs:  # the runs differ only in their cases: one recipe, with the memory rate train() used
         cfg = resolve_lr_memory(cfg, base)
-        recipe = {
-            "lr_prompt_decoder": cfg.lr_prompt_decoder,
-            "lr_memory": cfg.lr_memory,
-            "loss_size": cfg.loss_size,
-            "episode_clicks": cfg.episode_clicks,
-            "batch_size": cfg.batch_size,
-        }
+        recipe = {key: getattr(cfg, key) for key in FEWSHOT_RECIPE_FIELDS}
     results = evaluate(eval_t, methods, clicks, progress=False)
     doc = result_document(
         f"fewshot {structures} k={list(n_cases)}",

@@ -273,7 +273,7 @@ def param_groups(model: MAISModel, cfg: TrainConfig) -> list[dict[str, Any]]:
         }
     ]
     if model.has_memory and cfg.use_memory:
-        lr_memory = LR_MEMORY_FRESH if cfg.lr_memory is None else cfg.lr_memory
+        lr_memory = resolve_lr_memory(cfg, model).lr_memory
         groups.append({"params": list(model.memory_attention.parameters()), "lr": lr_memory, "name": "memory"})
     if cfg.mode == "train":
         groups.append({"params": enc, "lr": cfg.lr_encoder, "name": "encoder"})

@@ -46,8 +46,9 @@ def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
-def training_facts(log_csv: Path, batch_size: int = 2) -> str:
-    """A paragraph on the run: steps, episodes, wall time, loss and training Dice early vs late."""
+def training_facts(log_csv: Path, batch_size: int) -> str:
+    """A paragraph on the run: steps, episodes (``batch_size`` per step, from the checkpoint's recipe), wall time,
+    loss and training Dice early vs late."""
     rows = list(csv.DictReader(log_csv.open())) if log_csv.exists() else []
     # a resumed run logs again the steps after its last checkpoint: keep the last row of each step
     rows = sorted({int(r["step"]): r for r in rows}.values(), key=lambda r: int(r["step"]))
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "@SIZE@": f"{size:,}",
         "@FILE_SHA@": file_sha,
         "@WEIGHTS_SHA@": str(info["sha256"]),
-        "@TRAINING_FACTS@": training_facts(a.log),
+        "@TRAINING_FACTS@": training_facts(a.log, int(info["provenance"].get("recipe", {}).get("batch_size", 2))),
         "@EVAL@": eval_section(a.eval) + copy_figure(a.eval, a.weights.parent / f"{model_id}_test_split.png"),
         "@FEWSHOT@": fewshot_section(a.fewshot) + copy_figure(a.fewshot, a.weights.parent / f"{model_id}_fewshot.png"),
     }.items():
