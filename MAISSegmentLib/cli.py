@@ -149,7 +149,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, help="manifest JSON (or a folder of image/label pairs)")
     p.add_argument("--split", default=None, help="only cases of this split (e.g. test)")
     p.add_argument(
-        "--methods", default="mais,no-memory,growcut", help="mais, no-memory, mais-connected, growcut, ckpt:FILE"
+        "--methods", default="mais,no-memory,growcut", help="mais, no-memory, mais-grow-all, growcut, ckpt:FILE"
     )
     _add_model_choice(p, "weights for the mais / no-memory methods")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unsafe unpickling of the checkpoints")
@@ -176,7 +176,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     base = None
     methods: dict[str, object] = {}
     for name in names:
-        if name in ("mais", "no-memory", "mais-connected"):
+        if name in ("mais", "no-memory", "mais-grow-all"):
             if base is None:
                 checkpoint = _model_checkpoint(args, f"method {name!r}")
                 base = build_model(None, checkpoint=checkpoint, device=args.device, trusted=args.trust_checkpoint)
@@ -184,7 +184,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 base,
                 use_memory=name != "no-memory",
                 memory_size=args.memory_size,
-                grow_connected=name == "mais-connected",
+                grow_connected=name != "mais-grow-all",
             )
         elif name == "growcut":
             methods[name] = GrowCutMethod()
@@ -192,7 +192,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             model = build_model(None, checkpoint=name[5:], device=args.device, trusted=args.trust_checkpoint)
             methods[name] = ModelMethod(model, use_memory=True, memory_size=args.memory_size)
         else:
-            raise PromptError(f"unknown method {name!r}; use mais, no-memory, mais-connected, growcut or ckpt:FILE")
+            raise PromptError(f"unknown method {name!r}; use mais, no-memory, mais-grow-all, growcut or ckpt:FILE")
     cases = load_cases(args.manifest, split=args.split)
     targets, skipped = list_targets(cases)
     if args.max_targets and len(targets) > args.max_targets:

@@ -60,3 +60,20 @@ def test_demo_runs_on_the_default_model(tmp_path: Path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert any(f.endswith(".seg.nrrd") for f in files) and "dice_vs_clicks.png" in files
     assert any(f.endswith("_slices.png") for f in files)
+
+
+def test_release_keeps_the_recorded_training_facts_when_the_log_is_gone(tmp_path: Path):
+    """``scripts/register_builtin_model.py``: a re-release of the same weight file without its training log keeps
+    the training paragraph of that file's card; a card of another file, or none, gives nothing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("register_builtin_model", REPO / "scripts/register_builtin_model.py")
+    reg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reg)
+    card = tmp_path / "card.md"
+    assert reg.recorded_training_facts(card, "ab" * 32) is None
+    card.write_text(f"| SHA-256 of the file | `{'ab' * 32}` |\n\nRun as released: 2600 steps, loss 0.517.\n")
+    facts = reg.recorded_training_facts(card, "ab" * 32)
+    assert facts.startswith("Run as released: 2600 steps, loss 0.517; the log is no longer here")
+    assert reg.recorded_training_facts(card, "cd" * 32) is None
+    assert reg.training_facts(tmp_path / "missing.csv", 2).endswith("not found.")

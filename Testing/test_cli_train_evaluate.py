@@ -95,7 +95,7 @@ def test_finetune_then_evaluate_all_methods(manifest, tmp_path, monkeypatch):
         "--checkpoint",
         str(run / "model.pth"),
         "--methods",
-        f"mais,no-memory,mais-connected,growcut,ckpt:{TINY / 'ref_tiny.pth'}",
+        f"mais,no-memory,mais-grow-all,growcut,ckpt:{TINY / 'ref_tiny.pth'}",
         "--clicks",
         "1,3",
         "--out",
@@ -107,14 +107,14 @@ def test_finetune_then_evaluate_all_methods(manifest, tmp_path, monkeypatch):
     doc = json.loads(out.read_text())
     assert doc["version"] == 1 and doc["clicks"] == [1, 3] and doc["seed"] == 0
     assert doc["data"] == {"manifest": str(manifest), "split": "test", "n_cases": 1, "n_targets": 2, "n_skipped": 0}
-    assert list(doc["methods"]) == ["mais", "no-memory", "mais-connected", "growcut", f"ckpt:{TINY / 'ref_tiny.pth'}"]
+    assert list(doc["methods"]) == ["mais", "no-memory", "mais-grow-all", "growcut", f"ckpt:{TINY / 'ref_tiny.pth'}"]
     for res in doc["methods"].values():
         assert set(res) >= {"model", "dice_mean", "dice_median", "seconds_per_click_median", "targets"}
         assert set(res["dice_mean"]) == {"1", "3"} and all(0 <= v <= 1 for v in res["dice_mean"].values())
         assert [t["name"] for t in res["targets"]] == ["Sphere", "Box"]
     assert doc["methods"]["mais"]["model"]["memory"] and not doc["methods"]["no-memory"]["model"]["memory"]
-    connected = doc["methods"]["mais-connected"]["model"]
-    assert connected["memory"] and connected["grow_connected"] and not doc["methods"]["mais"]["model"]["grow_connected"]
+    grow_all = doc["methods"]["mais-grow-all"]["model"]
+    assert grow_all["memory"] and not grow_all["grow_connected"] and doc["methods"]["mais"]["model"]["grow_connected"]
     assert doc["methods"]["mais"]["model"]["sha256"] == model.load_report.sha256
     assert doc["methods"]["growcut"]["dice_mean"]["3"] > 0.5  # Grow from seeds finds the sphere and the box
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

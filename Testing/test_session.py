@@ -175,6 +175,18 @@ def test_state_round_trip_replays_to_identical_mask(model, volume):
         InteractiveSession.from_state(model, volume, {"clicks": []})
 
 
+def test_states_saved_before_grow_connected_replay_as_they_were_made(model, volume):
+    """A state without ``grow_connected`` (written before the option existed) replays with growth from the whole
+    mask, as it was made; new sessions default to growth from the include-connected part."""
+    assert SessionOptions().grow_connected
+    s = new_session(model, volume)
+    s.add_click(*CLICKS[0])
+    old = json.loads(json.dumps(s.state()))
+    del old["options"]["grow_connected"]
+    assert not InteractiveSession.from_state(model, volume, old).options.grow_connected
+    assert InteractiveSession.from_state(model, volume, s.state()).options.grow_connected
+
+
 def test_protected_voxels_never_included(model, volume):
     s = new_session(model, volume)
     s.add_click(*CLICKS[0])
@@ -220,9 +232,9 @@ def test_rois_grow_when_the_mask_reaches_a_face(model):
     assert len(no_grow.rois) == 1
     assert 1 < grown <= 4  # these weights predict a large blob that touches the window's faces
     assert s.mask.sum() > no_grow.mask.sum()
-    connected = new_session(model, vol, grow_rois=True, max_rois=4, max_new_rois_per_click=4, grow_connected=True)
-    connected.add_click((0.0, 0.0, 0.0), True)
-    assert len(connected.rois) == grown  # the blob holds the click: it still grows
+    grow_all = new_session(model, vol, grow_rois=True, max_rois=4, max_new_rois_per_click=4, grow_connected=False)
+    grow_all.add_click((0.0, 0.0, 0.0), True)
+    assert len(grow_all.rois) == grown  # the blob holds the click: growing only from it changes nothing here
     s2 = InteractiveSession.from_state(model, vol, s.state())  # replay grows the same ROIs
     assert s2.rois == s.rois and np.array_equal(s2.mask, s.mask)
     s.undo()

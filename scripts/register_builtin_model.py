@@ -70,6 +70,23 @@ def training_facts(log_csv: Path, batch_size: int) -> str:
     )
 
 
+def recorded_training_facts(card: Path, file_sha: str) -> str | None:
+    """The training paragraph (``Run as released: ...``) of an existing card of the same weight file, or None.
+
+    Training logs live in ``runs/`` and are lost with the machine; a later release of the same weights (new
+    figures after a change of the session's defaults, say) keeps the paragraph measured from the log when it
+    was there, instead of writing "not found"."""
+    if not card.exists():
+        return None
+    text = card.read_text()
+    if file_sha not in text:
+        return None  # a card of other weights: its training facts are not these
+    for line in text.splitlines():
+        if line.startswith("Run as released:"):
+            return line.rstrip(".") + "; the log is no longer here: this paragraph is from this file's earlier card)."
+    return None
+
+
 def _shown(path: Path) -> str:
     """``path`` relative to the repository when it is inside it (no machine paths in the card)."""
     try:
@@ -218,18 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     reg["default"] = model_id
     atomic_write_text(a.registry, json.dumps(reg, indent=1) + "\n")
 
+    out = a.weights.parent / f"{model_id}.md"
+    facts = training_facts(a.log, int(info["provenance"].get("recipe", {}).get("batch_size", 2)))
+    if not a.log.exists():
+        facts = recorded_training_facts(out, file_sha) or facts
     card = a.template.read_text()
     for key, value in {
         "@VERSION@": str(version),
         "@SIZE@": f"{size:,}",
         "@FILE_SHA@": file_sha,
         "@WEIGHTS_SHA@": str(info["sha256"]),
-        "@TRAINING_FACTS@": training_facts(a.log, int(info["provenance"].get("recipe", {}).get("batch_size", 2))),
+        "@TRAINING_FACTS@": facts,
         "@EVAL@": eval_section(a.eval) + copy_figure(a.eval, a.weights.parent / f"{model_id}_test_split.png"),
         "@FEWSHOT@": fewshot_section(a.fewshot) + copy_figure(a.fewshot, a.weights.parent / f"{model_id}_fewshot.png"),
     }.items():
         card = card.replace(key, value)
-    out = a.weights.parent / f"{model_id}.md"
     atomic_write_text(out, card)
     print(f"registered {model_id} {version} ({size:,} bytes, sha256 {file_sha[:12]}...) as default; card {out}")
     return 0
