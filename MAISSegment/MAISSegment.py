@@ -504,6 +504,23 @@ def _same_mask(a: Any, b: Any) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
+def _defined_points(nodes: dict[bool, Any]) -> dict[tuple[bool, str], dict[str, Any]]:
+    """The placed points of ``{include: point list node or None}``, keyed by ``(include, control point ID)``:
+    ``{"id", "ras" (3,) world RAS mm, "order" (mais:order or None)}``. Points being placed are skipped."""
+    mb = _bridge()
+    defined = slicer.vtkMRMLMarkupsNode.PositionDefined
+    points: dict[tuple[bool, str], dict[str, Any]] = {}
+    for side, node in nodes.items():
+        for i in range(node.GetNumberOfControlPoints() if node is not None else 0):
+            if node.GetNthControlPointPositionStatus(i) != defined:
+                continue
+            position = [0.0, 0.0, 0.0]
+            node.GetNthControlPointPositionWorld(i, position)
+            point_id = node.GetNthControlPointID(i)
+            points[(side, point_id)] = {"id": point_id, "ras": np.asarray(position), "order": mb.click_order(node, i)}
+    return points
+
+
 def _rebuild_session(session: Any, clicks: Sequence[tuple[Sequence[float], bool]]) -> Any:
     """Replace the session's clicks by ``clicks`` (a moved point) and replay them: one undoable operation.
 
@@ -581,6 +598,7 @@ class UpdateRequest:
     volume: Any = None  # MAISSegmentLib Volume, only when the session must be created
     protected: Any = None  # bool KJI mask of voxels not to take: for a new session, or when other segments changed
     state: dict | None = None  # stored session state, only when the session must be created
+    seen: dict | None = None  # {(include, control point ID): RAS (3,)} of the defined points the clicks were read from
 
 
 @dataclass
@@ -594,6 +612,7 @@ class UpdateOutcome:
     seconds: float
     encoder_runs: int
     rejected: list[str]
+    seen: dict | None = None  # UpdateRequest.seen: points placed or moved after it are left for the next update
 
 
 @dataclass(frozen=True)
@@ -1261,6 +1280,23 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         target = self._target(segmentation_node, segment_id, volume_node, create=False)
         return None if target is None else target.session
 
+    def unowned_voxels(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> int:
+        """Voxels of the segment that no MAISSegment session made: non-zero only before a segment's first update,
+        when it was drawn elsewhere (Segment Editor, a loaded file). That update replaces the segment inside the box
+        it writes with the network's mask (Undo restores the exact labelmap), so the widget asks first. 0 when the
+        segment has a session or a stored session state with clicks (its content is MAISSegment's own)."""
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        if target is not None and target.session is not None:
+            return 0
+        mb = _bridge()
+        try:
+            state = mb.load_state(segmentation_node, segment_id)
+            if state is not None and state.get("clicks"):
+                return 0
+        except mb.BridgeError:
+            pass  # a damaged state is not a session: count the voxels
+        return int(np.count_nonzero(mb.read_segment(segmentation_node, segment_id, volume_node)))
+
     def can_undo(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> bool:
         target = self._target(segmentation_node, segment_id, volume_node, create=False)
         return bool(target and target.undo)
@@ -1362,6 +1398,9 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
                 _add_state_points(state, include_node, exclude_node)
         request = UpdateRequest(target, mb.clicks_from_markups(include_node, exclude_node), options, volume=volume)
         request.state = state
+        request.seen = {
+            key: point["ras"] for key, point in _defined_points({True: include_node, False: exclude_node}).items()
+        }
         if target.session is None or self._protection_stamp(target) != target.protection_stamp:
             # the other segments changed since the session's protected mask was made (or there is no session yet)
             request.protected = mb.protected_mask(segmentation_node, segment_id, volume_node, self._overwrite_mode())
@@ -1481,7 +1520,14 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         target.session = session
         action = actions[-1] if actions else ("rejected" if rejected else "none")
         return UpdateOutcome(
-            target, action, steps, box, time.perf_counter() - t0, session.encoder_runs - encoder_runs, rejected
+            target,
+            action,
+            steps,
+            box,
+            time.perf_counter() - t0,
+            session.encoder_runs - encoder_runs,
+            rejected,
+            request.seen,
         )
 
     def apply_update(self, outcome: UpdateOutcome) -> UpdateResult:
@@ -1501,7 +1547,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
                 raise
             self._push(target, _Operation(outcome.steps, record, outcome.action))
             target.stale = False
-        self._sync_points(target)
+        self._sync_points(target, outcome.seen)
         self._store_state(target)
         target.protection_stamp = self._protection_stamp(target)
         return self._result(target, outcome.action, record, outcome.seconds, outcome.encoder_runs, outcome.rejected)
@@ -1638,34 +1684,39 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         return self._result(target, "redo" if redo else "undo", operation.record, 0.0, 0)
 
     # ---------------------------------------------------------------------------------------------- points <-> session
-    def _sync_points(self, target: _Target) -> None:
+    def _sync_points(self, target: _Target, seen: dict | None = None) -> None:
         """Make the point lists show the session's clicks: click ``n`` is a point carrying ``mais:order=n``.
 
         Points that match a click (same side, same position) are kept; a point carrying the order of a click that
         moved is moved back; other points (refused, undone) are removed and missing clicks (redone) are added.
-        Points being placed (position not yet defined) are left alone.
+        Points being placed (position not yet defined) are left alone, and so are, when ``seen`` (the points an
+        update was computed from, :attr:`UpdateRequest.seen`) is given, the points placed or moved since: the user
+        made them while the network ran, and the next update takes them in.
         """
-        mb = _bridge()
         nodes = {True: self._node(target, target.include_node_id), False: self._node(target, target.exclude_node_id)}
         if nodes[True] is None and nodes[False] is None:
             return
+        mb = _bridge()
         clicks = [_click_pair(c) for c in target.session.clicks] if target.session is not None else []
-        defined = slicer.vtkMRMLMarkupsNode.PositionDefined
         existing: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
-        for side, node in nodes.items():
-            for i in range(node.GetNumberOfControlPoints() if node is not None else 0):
-                if node.GetNthControlPointPositionStatus(i) != defined:
-                    continue
-                position = [0.0, 0.0, 0.0]
-                node.GetNthControlPointPositionWorld(i, position)
-                existing[side].append(
-                    {"id": node.GetNthControlPointID(i), "ras": np.asarray(position), "order": mb.click_order(node, i)}
-                )
         # control point IDs are unique within a point list only: points are keyed by (side, ID)
         used: set[tuple[bool, str]] = set()
+        later: set[tuple[bool, str]] = set()  # placed or moved since the update was prepared: the next update's
         matched: dict[int, str] = {}  # click index -> ID of its point (on the click's side)
+        for (side, point_id), point in _defined_points(nodes).items():
+            before = None if seen is None else seen.get((side, point_id))
+            if seen is None or (before is not None and np.max(np.abs(point["ras"] - before)) <= SAME_POSITION_MM):
+                existing[side].append(point)
+                continue
+            used.add((side, point_id))
+            later.add((side, point_id))
+            n = point["order"]
+            if before is not None and n is not None and n < len(clicks) and clicks[n][1] == side:
+                matched[n] = point_id  # a moved click's point stays where the user put it
         moved: dict[tuple[bool, str], tuple[float, float, float]] = {}
         for n, (ras, include) in enumerate(clicks):
+            if n in matched:
+                continue
             candidates = [
                 p
                 for p in existing[include]
@@ -1697,6 +1748,8 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
                     if n not in matched:
                         mb.add_click_point(node, ras, n)
                         continue
+                    if (side, matched[n]) in later:
+                        continue  # moved since the update: left where the user put it, for the next update
                     index = node.GetNthControlPointIndexByID(matched[n])
                     if (side, matched[n]) in moved:
                         node.SetNthControlPointPositionWorld(index, *moved[(side, matched[n])])
@@ -2175,8 +2228,11 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation, segmentId, volume = target
         p = self._parameterNode
         self._syncLogicSettings()
+        if not self._ensureDependencies():  # never installs on this (the UI) thread: it asks, then runs in background
+            return
+        if not self._confirmReplacing(segmentation, segmentId, volume):
+            return
         with slicer.util.tryWithErrorDisplay(_("Cannot update the segment."), waitCursor=True):
-            self.logic.ensure_dependencies()
             memory = (self.ui.useMemoryCheckBox.checked, self.ui.memorySizeSpinBox.value) if configure else (None, None)
             request = self.logic.prepare_update(
                 segmentation, segmentId, volume, p.includePoints, p.excludePoints, *memory
@@ -2193,6 +2249,35 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 lambda: self.logic.compute_update(request),
                 lambda outcome, error: self._onComputed(outcome, error, generation),
             )
+
+    def _confirmReplacing(self, segmentation, segmentId, volume) -> bool:
+        """Before a segment's first update: if it already holds voxels drawn elsewhere, ask before MAISSegment
+        replaces them around the points; on No, the points not yet used are removed and nothing is written."""
+        try:
+            count = self.logic.unowned_voxels(segmentation, segmentId, volume)
+        except Exception as exc:  # cannot read it: the update itself reports the problem
+            logging.warning("MAISSegment: cannot count the segment's voxels: %s", exc)
+            return True
+        if count == 0:
+            return True
+        name = segmentation.GetSegmentation().GetSegment(segmentId).GetName()
+        question = _(
+            "Segment '{name}' already holds {count} voxels drawn without MAISSegment. MAISSegment replaces the "
+            "segment around your points with its result (Undo restores what is there now).\n\nReplace them? "
+            "(No: your point is removed; add a new segment to keep this one as it is.)"
+        ).format(name=name, count=f"{count:,}")
+        if slicer.util.confirmYesNoDisplay(question, _("MAISSegment: segment not empty")):
+            return True
+        p = self._parameterNode
+        self._ignorePointEvents = True
+        try:
+            for node in (p.includePoints, p.excludePoints):
+                if node is not None:
+                    node.RemoveAllControlPoints()  # no session yet (count > 0): every point of the lists is new
+        finally:
+            self._ignorePointEvents = False
+        self._setStatus(_("Segment '{name}' left as it was.").format(name=name))
+        return False
 
     def _onComputed(self, outcome, error, generation) -> None:
         self._busy = False
@@ -2251,7 +2336,13 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Remove the selected point; the point-removed event recomputes the segment without it (on the worker)."""
         if self._currentTarget() is None or self._busy:
             return
-        node, index = self.logic.selected_point(self._parameterNode.includePoints, self._parameterNode.excludePoints)
+        try:
+            node, index = self.logic.selected_point(
+                self._parameterNode.includePoints, self._parameterNode.excludePoints
+            )
+        except Exception as exc:  # e.g. MAISSegmentLib's packages are not installed yet
+            slicer.util.errorDisplay(_("Cannot forget the point.") + "\n\n" + str(exc))
+            return
         if node is None:
             self._setStatus(_("There is no point to forget."))
             return

@@ -66,6 +66,7 @@ __all__ = [
     "OVERWRITE_MODES",
     "STATE_TAG",
     "BridgeError",
+    "EditedSinceError",
     "ExportedCase",
     "UndoRecord",
     "add_click_point",
@@ -103,6 +104,10 @@ _NEAREST_CHUNK_VOXELS = 4_000_000  # voxels per chunk when resampling a labelmap
 
 class BridgeError(MAISError, ValueError):
     """A Slicer node that cannot be used as asked (non-linear transform, wrong node, incompatible geometry...)."""
+
+
+class EditedSinceError(BridgeError):
+    """An undo/redo refused because a segment was edited elsewhere after the change it would revert."""
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -860,6 +865,17 @@ def _restore(segmentation_node: Any, record: UndoRecord, which: str) -> None:
                 f"segment {segmentation.GetSegment(s).GetName()!r} is now stored on another voxel grid; "
                 "the write cannot be undone/redone exactly"
             )
+    # the segments must still hold what this record left there: an edit made since (Segment Editor, another
+    # module) would be overwritten without a trace by restoring the record's other side
+    current = record.after if which == "before" else record.before
+    edited = [s for s in record.segment_ids if not np.array_equal(_read(segmentation, s, grid, record.box), current(s))]
+    if edited:
+        names = ", ".join(repr(segmentation.GetSegment(s).GetName()) for s in edited)
+        raise EditedSinceError(
+            f"segment {names} was edited since this change (e.g. in the Segment Editor), so it cannot be "
+            f"{'undone' if which == 'before' else 'redone'} without losing that edit. Undo that edit where it was "
+            "made first (Segment Editor: Undo), or keep the segment as it is (Reset segment starts over)."
+        )
     _set_contents(segmentation_node, grid, record.box, [(s, content, None) for s, content in contents])
     _verify(segmentation, grid, record.box, contents)
 
@@ -869,13 +885,19 @@ def undo_write(segmentation_node: Any, record: UndoRecord) -> Box:
 
     Raises:
         BridgeError: another segmentation node, a recorded segment was removed, or moved to another lattice.
+        EditedSinceError: a recorded segment no longer holds the record's result in the box (edited since);
+            nothing is written.
     """
     _restore(segmentation_node, record, "before")
     return record.box
 
 
 def redo_write(segmentation_node: Any, record: UndoRecord) -> Box:
-    """Write ``record``'s result again (after :func:`undo_write`). Returns the box."""
+    """Write ``record``'s result again (after :func:`undo_write`). Returns the box.
+
+    Raises:
+        BridgeError, EditedSinceError: as :func:`undo_write` (the segments must hold the record's "before").
+    """
     _restore(segmentation_node, record, "after")
     return record.box
 

@@ -573,6 +573,92 @@ def test_undo_redo_restore_exact_labelmaps_of_every_segment(scene):
     assert not s.logic.can_redo(*target)
 
 
+def test_points_placed_or_moved_while_the_network_runs_are_kept_for_the_next_update(scene):
+    """The widget runs prepare_update (main thread), compute_update (worker) and apply_update (main thread); a point
+    placed or moved in between must not be deleted or snapped back by apply_update: the next update takes it in."""
+    s = scene
+    target = (s.seg, s.ids["target"], s.volume)
+    include, exclude = s.logic.get_point_lists(s.seg, s.ids["target"])
+    s.T.place(include, s.T.ras((30, 25, 20)))
+    request = s.logic.prepare_update(*target, include, exclude)
+    outcome = s.logic.compute_update(request)
+    s.T.place(exclude, s.T.ras((8, 8, 8)))  # placed while the network ran
+    assert s.logic.apply_update(outcome).clicks == 1
+    assert exclude.GetNumberOfControlPoints() == 1 and include.GetNumberOfControlPoints() == 1
+    result = s.logic.on_points_changed(*target, include, exclude)
+    assert (result.action, result.clicks) == ("add", 2)
+    s.T.place(include, s.T.ras((32, 26, 21)))
+    request = s.logic.prepare_update(*target, include, exclude)
+    outcome = s.logic.compute_update(request)
+    include.SetNthControlPointPositionWorld(0, *s.T.ras((28, 24, 20)))  # click 0 dragged meanwhile
+    assert s.logic.apply_update(outcome).clicks == 3
+    position = [0.0, 0.0, 0.0]
+    include.GetNthControlPointPositionWorld(0, position)
+    assert np.allclose(position, s.T.ras((28, 24, 20)))  # not snapped back
+    assert include.GetNumberOfControlPoints() == 2 and exclude.GetNumberOfControlPoints() == 1
+    result = s.logic.on_points_changed(*target, include, exclude)
+    assert (result.action, result.clicks) == ("rebuild", 3)
+    assert np.array_equal(arrays(s)["target"], reference_mask(s, point_clicks(include, exclude, None)))
+
+
+def test_voxels_drawn_elsewhere_are_counted_before_the_first_update(scene):
+    """``unowned_voxels``: what the widget asks about before a segment's first update replaces it (undo restores it
+    exactly); 0 once MAISSegment owns the segment (a session, or a stored state after reloading)."""
+    import slicer
+
+    s = scene
+    target = (s.seg, s.ids["target"], s.volume)
+    assert s.logic.unowned_voxels(*target) == 0  # empty
+    drawn = np.zeros_like(arrays(s)["target"])
+    drawn[18:22, 20:30, 25:35] = True
+    slicer.util.updateSegmentBinaryLabelmapFromArray(drawn.astype(np.uint8), s.seg, s.ids["target"], s.volume)
+    assert s.logic.unowned_voxels(*target) == int(drawn.sum())
+    include, exclude = s.logic.get_point_lists(*target[:2])
+    s.T.place(include, s.T.ras((30, 25, 20)))
+    s.logic.on_points_changed(*target, include, exclude)
+    assert s.logic.unowned_voxels(*target) == 0
+    assert s.logic.undo(*target).action == "undo" and np.array_equal(arrays(s)["target"], drawn)
+    s.logic.clear()  # as after reopening the scene: no session; the stored state has no click left
+    assert s.logic.unowned_voxels(*target) == int(drawn.sum())
+    assert include.GetNumberOfControlPoints() == 0  # the undone click's point went with it
+    s.T.place(include, s.T.ras((30, 25, 20)))
+    assert s.logic.on_points_changed(*target, include, exclude).clicks == 1
+    s.logic.clear()  # now the stored state has the click: the content is MAISSegment's
+    assert s.logic.unowned_voxels(*target) == 0
+
+
+def test_undo_and_redo_refuse_to_overwrite_edits_made_since(scene):
+    """A voxel painted elsewhere (Segment Editor) after a click: undoing that click would erase the paint, so undo
+    refuses with a message and changes nothing (segment, session, points); once the paint is gone it works. The
+    same for redo."""
+    import slicer
+
+    from MAISSegmentLib import mrml_bridge as mb
+
+    s = scene
+    target = (s.seg, s.ids["target"], s.volume)
+    include, exclude = s.logic.get_point_lists(s.seg, s.ids["target"])
+    s.T.place(include, s.T.ras((30, 25, 20)))
+    s.logic.on_points_changed(*target, include, exclude)
+    clicked = arrays(s)
+    assert clicked["target"].any()
+    painted = clicked["target"].copy()
+    painted[tuple(np.argwhere(painted)[0])] = False  # erase one voxel the click set (inside the box it wrote)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), s.seg, s.ids["target"], s.volume)
+    with pytest.raises(mb.EditedSinceError, match="edited since"):
+        s.logic.undo(*target)
+    assert np.array_equal(arrays(s)["target"], painted) and len(s.logic.session(*target).clicks) == 1
+    assert point_clicks(include, exclude) and s.logic.can_undo(*target)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(
+        clicked["target"].astype(np.uint8), s.seg, s.ids["target"], s.volume
+    )
+    assert s.logic.undo(*target).action == "undo" and not arrays(s)["target"].any()
+    slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), s.seg, s.ids["target"], s.volume)
+    with pytest.raises(mb.EditedSinceError, match="redone"):
+        s.logic.redo(*target)
+    assert np.array_equal(arrays(s)["target"], painted) and s.logic.can_redo(*target)
+
+
 def test_segment_editor_masking_settings_are_honoured(scene, mrml):
     """With a Segment Editor node: its editable intensity range limits the write, its overwrite mode is used."""
     import slicer
