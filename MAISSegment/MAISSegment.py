@@ -540,8 +540,10 @@ class UpdateResult:
 
     action: ``"none"``, ``"add"``, ``"forget"``, ``"rebuild"``, ``"configure"``, ``"reset"``, ``"undo"``, ``"redo"``,
         ``"restore"`` or ``"rejected"`` (every new point was refused).
-    clicks: clicks of the session afterwards. seconds: wall time of the call's network part.
-    rois: ROIs of the session. encoder_runs: image-encoder runs during the call. model: model label.
+    clicks: clicks of the session afterwards. seconds: wall time of the call's network part. total_seconds: from
+        the points read (``prepare_update``) to the segment written (``apply_update``), worker queue included.
+    rois: ROIs of the session. roi: (center RAS mm (3,), edge mm) of the ROI of the last click, or None.
+    encoder_runs: image-encoder runs during the call. model: model label.
     box: the IJK box written (``MAISSegmentLib.roi.Box``; None if nothing). changed: whether any voxel changed.
     rejected: messages of points that were refused (their points were removed from the point lists).
     """
@@ -549,7 +551,9 @@ class UpdateResult:
     action: str
     clicks: int = 0
     seconds: float = 0.0
+    total_seconds: float = 0.0
     rois: int = 0
+    roi: tuple | None = None
     encoder_runs: int = 0
     model: str = ""
     box: Any = None
@@ -599,6 +603,7 @@ class UpdateRequest:
     protected: Any = None  # bool KJI mask of voxels not to take: for a new session, or when other segments changed
     state: dict | None = None  # stored session state, only when the session must be created
     seen: dict | None = None  # {(include, control point ID): RAS (3,)} of the defined points the clicks were read from
+    started: float = 0.0  # time.perf_counter() when the points were read
 
 
 @dataclass
@@ -613,6 +618,7 @@ class UpdateOutcome:
     encoder_runs: int
     rejected: list[str]
     seen: dict | None = None  # UpdateRequest.seen: points placed or moved after it are left for the next update
+    started: float = 0.0  # UpdateRequest.started
 
 
 @dataclass(frozen=True)
@@ -1367,6 +1373,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         memory_size: int | None = None,
     ) -> UpdateRequest:
         """Read what an update needs from MRML (main thread): the points, and the volume when a session starts."""
+        started = time.perf_counter()
         self.ensure_dependencies()
         mb = _bridge()
         target = self._target(segmentation_node, segment_id, volume_node)
@@ -1397,7 +1404,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
                 # so that points placed since count as new clicks instead of replacing the stored ones
                 _add_state_points(state, include_node, exclude_node)
         request = UpdateRequest(target, mb.clicks_from_markups(include_node, exclude_node), options, volume=volume)
-        request.state = state
+        request.state, request.started = state, started
         request.seen = {
             key: point["ras"] for key, point in _defined_points({True: include_node, False: exclude_node}).items()
         }
@@ -1528,6 +1535,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             session.encoder_runs - encoder_runs,
             rejected,
             request.seen,
+            request.started,
         )
 
     def apply_update(self, outcome: UpdateOutcome) -> UpdateResult:
@@ -1550,7 +1558,10 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         self._sync_points(target, outcome.seen)
         self._store_state(target)
         target.protection_stamp = self._protection_stamp(target)
-        return self._result(target, outcome.action, record, outcome.seconds, outcome.encoder_runs, outcome.rejected)
+        result = self._result(target, outcome.action, record, outcome.seconds, outcome.encoder_runs, outcome.rejected)
+        if outcome.started:
+            result.total_seconds = time.perf_counter() - outcome.started
+        return result
 
     def _protection_stamp(self, target: _Target) -> tuple:
         """What the session's protected mask depends on: the overwrite mode and, for every other segment, its
@@ -1598,11 +1609,17 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
 
     def _result(self, target: _Target, action: str, record: Any, seconds: float, encoder_runs: int, rejected=()):
         session = target.session
+        roi = None
+        if session is not None and session.clicks and session.rois:
+            last = np.asarray(session.clicks[-1].ras)
+            inside = [r for r in session.rois if r.contains(last)] or list(session.rois)
+            roi = (tuple(float(x) for x in inside[0].center), inside[0].size * inside[0].spacing)
         result = UpdateResult(
             action=action,
             clicks=len(session.clicks) if session is not None else 0,
             seconds=seconds,
             rois=len(session.rois) if session is not None else 0,
+            roi=roi,
             encoder_runs=encoder_runs,
             model=self.model_label,
             box=None if record is None else record.box,
@@ -1830,13 +1847,24 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             "none": _("Up to date"),
             "rejected": _("Point refused"),
         }
-        text = _("{action} · {seconds:.2f} s · {rois} ROI(s) · {clicks} point(s) · model: {model}").format(
+        if result.total_seconds:
+            timing = _("{total:.0f} ms (network {network:.0f} ms)").format(
+                total=1000 * result.total_seconds, network=1000 * result.seconds
+            )
+        else:
+            timing = _("{network:.0f} ms").format(network=1000 * result.seconds)
+        text = _("{action} · {timing} · {rois} ROI(s) · {clicks} point(s) · model: {model}").format(
             action=names.get(result.action, result.action),
-            seconds=result.seconds,
+            timing=timing,
             rois=result.rois,
             clicks=result.clicks,
             model=result.model or _("none"),
         )
+        if result.roi is not None:
+            (r, a, s), edge = result.roi
+            text += " · " + _("last point's ROI: {edge:.0f} mm cube at R {r:.0f}, A {a:.0f}, S {s:.0f}").format(
+                edge=edge, r=r, a=a, s=s
+            )
         if result.encoder_runs:
             text += " · " + _("{count} new ROI encoding(s)").format(count=result.encoder_runs)
         if result.rejected:

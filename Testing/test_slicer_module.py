@@ -533,6 +533,11 @@ def test_points_on_an_oblique_volume_update_the_segment_where_the_session_puts_t
     assert after["target"].any() and np.array_equal(after["target"], session.mask > 0)
     assert np.array_equal(after["other"], other_before) and not (after["target"] & after["other"]).any()
     assert "2 point(s)" in s.logic.describe(result) and "ref_tiny.pth" in s.logic.describe(result)
+    # the status line: point read -> segment written (>= the network part), and where the last point's ROI is
+    assert result.total_seconds >= result.seconds > 0 and "network" in s.logic.describe(result)
+    center, edge = result.roi
+    assert edge == 192.0 and session.rois[0].contains(np.asarray(session.clicks[-1].ras))
+    assert np.allclose(center, session.rois[0].center) and "192 mm cube at R" in s.logic.describe(result)
     # a moved point: the session is rebuilt from the points, as a fresh session with those clicks would be
     include.SetNthControlPointPositionWorld(0, *s.T.ras((28, 24, 20)))
     result = s.logic.on_points_changed(*target, include, exclude)
