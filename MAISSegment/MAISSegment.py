@@ -2281,6 +2281,9 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _confirmReplacing(self, segmentation, segmentId, volume) -> bool:
         """Before a segment's first update: if it already holds voxels drawn elsewhere, ask before MAISSegment
         replaces them around the points; on No, the points not yet used are removed and nothing is written."""
+        p = self._parameterNode
+        if not any(n is not None and n.GetNumberOfDefinedControlPoints() for n in (p.includePoints, p.excludePoints)):
+            return True  # no point: this update writes nothing
         try:
             count = self.logic.unowned_voxels(segmentation, segmentId, volume)
         except Exception as exc:  # cannot read it: the update itself reports the problem
@@ -2296,7 +2299,6 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ).format(name=name, count=f"{count:,}")
         if slicer.util.confirmYesNoDisplay(question, _("MAISSegment: segment not empty")):
             return True
-        p = self._parameterNode
         self._ignorePointEvents = True
         try:
             for node in (p.includePoints, p.excludePoints):
