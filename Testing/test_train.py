@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers.synthetic_training import first_gradients, sphere_sample, tiny_config
+from helpers.synthetic_training import ddp_config, first_gradients, sphere_sample, tiny_config
 
 from conftest import TESTING, TINY
 from MAISSegmentLib import build_model
@@ -107,7 +107,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     torch.set_num_threads(1)
     grads: dict = {}
     single = train(
-        tiny_config(),
+        ddp_config(),
         sphere_sample,
         tmp_path / "single",
         progress=False,
