@@ -362,6 +362,12 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu-bf16", action="store_true")
     p.add_argument("--lr-prompt-decoder", type=float, default=8e-5, help="prompt encoder + mask decoder lr")
     p.add_argument(
+        "--lr-encoder",
+        type=float,
+        default=None,
+        help="also train the image encoder at this lr (default: frozen, the MAIS recipe)",
+    )
+    p.add_argument(
         "--lr-memory",
         type=float,
         default=None,
@@ -395,6 +401,7 @@ def _cmd_fewshot(args: argparse.Namespace) -> int:
         cpu_bf16=args.cpu_bf16,
         lr_prompt_decoder=args.lr_prompt_decoder,
         lr_memory=args.lr_memory,
+        lr_encoder=args.lr_encoder,
         log=lambda s: print(s, file=sys.stderr),
     )
     return 0

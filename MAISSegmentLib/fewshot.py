@@ -20,7 +20,15 @@ from .fileutil import atomic_write_text
 from .train import TargetSampler, TrainConfig, resolve_lr_memory, train
 
 # TrainConfig fields recorded in fewshot.json ("fewshot" part)
-FEWSHOT_RECIPE_FIELDS = ("lr_prompt_decoder", "lr_memory", "loss_size", "episode_clicks", "batch_size")
+FEWSHOT_RECIPE_FIELDS = (
+    "mode",
+    "lr_encoder",
+    "lr_prompt_decoder",
+    "lr_memory",
+    "loss_size",
+    "episode_clicks",
+    "batch_size",
+)
 
 
 def family_targets(targets: list, structures: Sequence[str]) -> list:
@@ -44,9 +52,14 @@ def run_fewshot(
     cache_dir: str | None = None,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    lr_encoder: float | None = None,
     **train_options: Any,
 ) -> dict[str, Any]:
-    """Run the experiment; returns and writes ``out_dir/fewshot.json`` (+ ``fewshot.png``)."""
+    """Run the experiment; returns and writes ``out_dir/fewshot.json`` (+ ``fewshot.png``).
+
+    ``lr_encoder``: None (default) is the MAIS recipe, the image encoder frozen (``mode="finetune"``); a rate trains
+    the encoder too (``mode="train"`` from the base checkpoint), for a base whose encoder was not pretrained at scale.
+    ``train_options`` go to :class:`TrainConfig` (``lr_prompt_decoder``, ``lr_memory``, ``loss_size``...)."""
     out = Path(out_dir)
     train_t = family_targets(list_targets(load_cases(manifest, split=train_split))[0], structures)
     eval_t = family_targets(list_targets(load_cases(manifest, split=eval_split))[0], structures)
@@ -63,7 +76,8 @@ def run_fewshot(
         keep = set(case_order[:k])
         targets = [t for t in train_t if t.case.id in keep]
         cfg = TrainConfig(
-            mode="finetune",
+            mode="finetune" if lr_encoder is None else "train",
+            **({} if lr_encoder is None else {"lr_encoder": lr_encoder}),
             preset=None,
             init_checkpoint=str(base_checkpoint),
             steps=steps,
@@ -88,6 +102,8 @@ def run_fewshot(
     if runs:  # the runs differ only in their cases: one recipe, with the memory rate train() used
         cfg = resolve_lr_memory(cfg, base)
         recipe = {key: getattr(cfg, key) for key in FEWSHOT_RECIPE_FIELDS}
+        if cfg.mode == "finetune":
+            recipe["lr_encoder"] = None  # frozen
     results = evaluate(eval_t, methods, clicks, progress=False)
     doc = result_document(
         f"fewshot {structures} k={list(n_cases)}",

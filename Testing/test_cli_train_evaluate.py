@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import TINY
 from MAISSegmentLib import build_model
@@ -194,6 +195,22 @@ def test_fewshot_experiment(manifest, tmp_path, monkeypatch):
     # SAM-Med3D weights have no memory attention: it is trained from scratch at the paper's 8e-4
     assert doc["fewshot"]["lr_memory"] == 8e-4 and doc["fewshot"]["lr_prompt_decoder"] == 8e-5
     assert doc["fewshot"]["loss_size"] == 32
+    assert doc["fewshot"]["mode"] == "finetune" and doc["fewshot"]["lr_encoder"] is None
+    # --lr-encoder: the encoder trains too (frozen by default: the k=1 model keeps the base encoder exactly)
+    enc = out.parent / "fs_enc"
+    proc = mais(
+        "fewshot", "--checkpoint", str(TINY / "ref_tiny.pth"), "--manifest", str(manifest), "--structures", "sphere",
+        "--cases", "1", "--steps", "1", "--episode-clicks", "2", "--clicks", "1", "--out", str(enc),
+        "--loss-size", "32", "--lr-encoder", "1e-4",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fs = json.loads((enc / "fewshot.json").read_text())["fewshot"]
+    assert fs["mode"] == "train" and fs["lr_encoder"] == 1e-4
+    base = build_model(None, checkpoint=TINY / "ref_tiny.pth").image_encoder.state_dict()
+    frozen = build_model(None, checkpoint=out / "k1" / "model.pth").image_encoder.state_dict()
+    trained = build_model(None, checkpoint=enc / "k1" / "model.pth").image_encoder.state_dict()
+    assert all(torch.equal(base[k], frozen[k]) for k in base)
+    assert not all(torch.equal(base[k], trained[k]) for k in base)
     bad = mais(
         "fewshot",
         "--checkpoint",
