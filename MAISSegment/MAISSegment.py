@@ -2682,6 +2682,7 @@ class MAISSegmentTest(ScriptedLoadableModuleTest):
             return
         for test in (
             self.test_points_update_undo_redo,
+            self.test_work_made_meanwhile_is_kept,
             self.test_neighbours_untouched_and_memory_kept_per_segment,
             self.test_state_restored_from_scene,
             self.test_learn_from_my_cases,
@@ -2784,6 +2785,28 @@ class MAISSegmentTest(ScriptedLoadableModuleTest):
             self.assertEqual(logic.redo(*target).action, "redo")
             self.assertTrue(np.array_equal(self.segment_array(*target), expected))
             self.assertEqual(include.GetNumberOfControlPoints() + exclude.GetNumberOfControlPoints(), count)
+        self.delayDisplay(_("Test passed"))
+
+    def test_work_made_meanwhile_is_kept(self):
+        self.delayDisplay(_("Points placed while computing are kept; undo never overwrites a later edit"))
+        from MAISSegmentLib import mrml_bridge as mb
+
+        volume, segmentation, ids = self.make_scene()
+        target = (segmentation, ids["target"], volume)
+        logic = self.make_logic()
+        include, exclude = logic.get_point_lists(segmentation, ids["target"])
+        self.place(include, self.ras((30, 25, 20)))
+        outcome = logic.compute_update(logic.prepare_update(*target, include, exclude))
+        self.place(exclude, self.ras((8, 8, 8)))  # while the worker computed
+        logic.apply_update(outcome)
+        self.assertEqual(exclude.GetNumberOfControlPoints(), 1)
+        self.assertEqual(logic.on_points_changed(*target, include, exclude).clicks, 2)
+        edited = self.segment_array(*target).astype(bool)
+        edited[tuple(np.argwhere(edited)[0])] = False  # a Segment Editor edit after the last click
+        slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), segmentation, ids["target"], volume)
+        with self.assertRaises(mb.EditedSinceError):
+            logic.undo(*target)
+        self.assertTrue(np.array_equal(self.segment_array(*target).astype(bool), edited))
         self.delayDisplay(_("Test passed"))
 
     def test_neighbours_untouched_and_memory_kept_per_segment(self):
