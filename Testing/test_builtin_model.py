@@ -72,8 +72,11 @@ def test_release_keeps_the_recorded_training_facts_when_the_log_is_gone(tmp_path
     spec.loader.exec_module(reg)
     card = tmp_path / "card.md"
     assert reg.recorded_training_facts(card, "ab" * 32) is None
-    card.write_text(f"| SHA-256 of the file | `{'ab' * 32}` |\n\nRun as released: 2600 steps, loss 0.517.\n")
+    card.write_text(f"| SHA-256 of the file | `{'ab' * 32}` |\n\nRun as released: 2600 steps (log: `x.csv`).\n")
     facts = reg.recorded_training_facts(card, "ab" * 32)
-    assert facts.startswith("Run as released: 2600 steps, loss 0.517; the log is no longer here")
+    assert facts == (
+        "Run as released: 2600 steps (log: `x.csv`; the log is no longer here, so this paragraph is copied from "
+        "this file's earlier card)."
+    )
     assert reg.recorded_training_facts(card, "cd" * 32) is None
     assert reg.training_facts(tmp_path / "missing.csv", 2).endswith("not found.")

@@ -83,7 +83,8 @@ def recorded_training_facts(card: Path, file_sha: str) -> str | None:
         return None  # a card of other weights: its training facts are not these
     for line in text.splitlines():
         if line.startswith("Run as released:"):
-            return line.rstrip(".") + "; the log is no longer here: this paragraph is from this file's earlier card)."
+            note = "the log is no longer here, so this paragraph is copied from this file's earlier card"
+            return line[:-2] + f"; {note})." if line.endswith(").") else line + f" ({note})."
     return None
 
 
@@ -155,11 +156,19 @@ def eval_section(path: Path | None) -> str:
     doc = json.loads(path.read_text())
     d = doc["data"]
     click = "10" if "10" in {str(c) for c in doc["clicks"]} else str(doc["clicks"][-1])
+    models = [m.get("model") or {} for m in doc["methods"].values()]
+    connected = [m["grow_connected"] for m in models if "grow_connected" in m]
+    growth = ""
+    if connected and all(connected):
+        growth = (
+            " (session defaults: a new 128³ ROI is added only where the part of the mask connected to an include "
+            "point reaches a ROI face)"
+        )
     return (
         f"`{doc['command']}`\n\n"
         f"{d['n_cases']} volumes, {d['n_targets']} targets ({d['n_skipped']} skipped under 10 mm³) of the `test` "
         f"split, robot user of EVALUATION.md (`center`, seed {doc['seed']}); mean over targets, measured on the "
-        f"released float16 file:\n\n{method_table(doc)}\n\nMean Dice@{click} by structure family:\n\n"
+        f"released float16 file{growth}:\n\n{method_table(doc)}\n\nMean Dice@{click} by structure family:\n\n"
         f"{family_table(doc, click)}\n\nBy data source (TotalSegmentator is not in the training data):\n\n"
         f"{source_table(doc)}\n\n"
         "`no-memory` is the same weights with the memory attention switched off (the paper's Ft-SAM3D "
@@ -176,9 +185,13 @@ def fewshot_section(path: Path | None) -> str:
     cases = "; ".join(f"k = {k}: {', '.join(v)}" for k, v in fs["train_cases"].items())
     lr_pd, lr_mem = fs.get("lr_prompt_decoder", 8e-5), fs.get("lr_memory", 8e-4)  # older files: the paper's
     loss = f", Dice loss at {fs['loss_size']}³" if "loss_size" in fs else ""
+    if fs.get("lr_encoder"):
+        encoder = f"the MAIS recipe but with the image encoder trained too, at {fs['lr_encoder']:g}"
+    else:
+        encoder = "the MAIS recipe: image encoder frozen"
     return (
-        f"`mais fewshot` on the family {', '.join(fs['structures'])}: `mais finetune` of this model (the MAIS "
-        f"recipe: image encoder frozen, AdamW, MultiStepLR; prompt encoder + decoder {lr_pd:g}, memory attention "
+        f"`mais fewshot` on the family {', '.join(fs['structures'])}: `mais finetune` of this model ({encoder}, "
+        f"AdamW, MultiStepLR; prompt encoder + decoder {lr_pd:g}, memory attention "
         f"{lr_mem:g}{loss}, {fs['steps']} steps) on k training cases ({cases}), then the robot user on that family's "
         f"{doc['data']['n_targets']} targets of the `test` split ({doc['data']['n_cases']} volumes):\n\n"
         f"{method_table(doc)}"
