@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", type=Path, required=True, help="log.csv of the training run")
     ap.add_argument("--eval", type=Path, help="test-split result JSON of mais evaluate")
     ap.add_argument("--fewshot", type=Path, help="fewshot.json of mais fewshot")
+    ap.add_argument("--eval-note", default="", help="a sentence added after the test-split tables (e.g. on timing)")
     ap.add_argument("--template", type=Path, default=REPO / "scripts" / "model_card_template.md")
     ap.add_argument("--registry", type=Path, default=REPO / "Resources" / "models.json")
     a = ap.parse_args(argv)
@@ -259,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         "@FILE_SHA@": file_sha,
         "@WEIGHTS_SHA@": str(info["sha256"]),
         "@TRAINING_FACTS@": facts,
-        "@EVAL@": eval_section(a.eval) + copy_figure(a.eval, a.weights.parent / f"{model_id}_test_split.png"),
+        "@EVAL@": eval_section(a.eval)
+        + (f" {a.eval_note}" if a.eval_note else "")
+        + copy_figure(a.eval, a.weights.parent / f"{model_id}_test_split.png"),
         "@FEWSHOT@": fewshot_section(a.fewshot) + copy_figure(a.fewshot, a.weights.parent / f"{model_id}_fewshot.png"),
     }.items():
         card = card.replace(key, value)
