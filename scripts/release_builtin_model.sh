@@ -11,7 +11,8 @@
 #   2e-5: 0.309 / 0.232.
 #   ROIs grown from the include-connected mask (the default now): mandible, encoder frozen, 2e-5: 0.262 -> 0.246 /
 #   0.236 (Dice@20 0.282 -> 0.321 / 0.344); 8e-5: 0.240 / 0.327; myocardium, 100 steps, 8e-5: 0.247 -> 0.178 /
-#   0.179; mandible with the encoder trained at 2e-5 (this recipe): 0.262 -> 0.342 / 0.246 (Dice@20 0.362 / 0.330).
+#   0.179; with the encoder trained at 2e-5 (this recipe): mandible 0.262 -> 0.342 / 0.246 (Dice@20 0.282 -> 0.362 /
+#   0.330); spinal cord 0.300 -> 0.320 / 0.340 (Dice@20 0.326 -> 0.367 / 0.401).
 # FEWSHOT_FAMILY, FEWSHOT_STEPS, FEWSHOT_LR, FEWSHOT_LR_ENCODER ("" freezes the encoder) and FEWSHOT_LOSS_SIZE
 # change them.
 #   bash scripts/release_builtin_model.sh            # all four steps
