@@ -617,8 +617,7 @@ class UpdateOutcome:
     seconds: float
     encoder_runs: int
     rejected: list[str]
-    seen: dict | None = None  # UpdateRequest.seen: points placed or moved after it are left for the next update
-    started: float = 0.0  # UpdateRequest.started
+    request: UpdateRequest | None = None  # what it was computed from (its ``seen`` points, its ``started`` time)
 
 
 @dataclass(frozen=True)
@@ -806,11 +805,14 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             )
 
     def dependency_plan(self) -> DependencyPlan:
-        """What is missing and how it will be installed; cheap (nothing heavy is imported), main thread.
+        """What is missing and how it will be installed; cheap (nothing heavy is imported), main thread. Empty once
+        :meth:`ensure_dependencies` has succeeded.
 
         Raises:
             MAISSegmentError: inside Slicer without the PyTorch extension (it says to install it).
         """
+        if self._dependencies_ok:  # checked once by ensure_dependencies: every later point skips the lookups
+            return DependencyPlan()
         plan = DependencyPlan(packages=self.missing_requirements())
         if importlib.util.find_spec("torch") is None:
             plan.torch_requirement = f"torch>={MIN_TORCH_VERSION}"
@@ -1534,8 +1536,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             time.perf_counter() - t0,
             session.encoder_runs - encoder_runs,
             rejected,
-            request.seen,
-            request.started,
+            request,
         )
 
     def apply_update(self, outcome: UpdateOutcome) -> UpdateResult:
@@ -1555,12 +1556,13 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
                 raise
             self._push(target, _Operation(outcome.steps, record, outcome.action))
             target.stale = False
-        self._sync_points(target, outcome.seen)
+        request = outcome.request
+        self._sync_points(target, None if request is None else request.seen)
         self._store_state(target)
         target.protection_stamp = self._protection_stamp(target)
         result = self._result(target, outcome.action, record, outcome.seconds, outcome.encoder_runs, outcome.rejected)
-        if outcome.started:
-            result.total_seconds = time.perf_counter() - outcome.started
+        if request is not None and request.started:
+            result.total_seconds = time.perf_counter() - request.started
         return result
 
     def _protection_stamp(self, target: _Target) -> tuple:
@@ -1725,7 +1727,6 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             if seen is None or (before is not None and np.max(np.abs(point["ras"] - before)) <= SAME_POSITION_MM):
                 existing[side].append(point)
                 continue
-            used.add((side, point_id))
             later.add((side, point_id))
             n = point["order"]
             if before is not None and n is not None and n < len(clicks) and clicks[n][1] == side:
