@@ -21,10 +21,11 @@ from .errors import PromptError
 from .evaluate import dice
 from .fileutil import atomic_write
 from .model.mais import MAISModel
+from .resources import sample_dir
 from .session import InteractiveSession, SessionOptions
 from .volume import Volume
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Resources" / "sample"
+SAMPLE_DIR = sample_dir()  # Resources/sample of the checkout, or its copy inside an installed wheel
 
 
 def run_demo(

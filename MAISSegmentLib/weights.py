@@ -1,7 +1,8 @@
 """Model registry, weight cache, download and import of local weight files.
 
-* **Registry**: ``Resources/models.json`` at the repository root (override with the ``registry`` argument
-  or the ``MAIS_MODELS_JSON`` environment variable)::
+* **Registry**: ``Resources/models.json`` (at the repository root in a checkout, ``MAISSegmentLib/_resources`` in
+  an installed wheel: :mod:`.resources`; override with the ``registry`` argument or the ``MAIS_MODELS_JSON``
+  environment variable)::
 
       {"version": 1, "default": <id or null>,
        "models": [{"id", "version", "file", "url" (or null), "sha256" (or null = not yet known),
@@ -42,11 +43,12 @@ from typing import Any
 
 from .errors import MAISError
 from .fileutil import atomic_write
+from .resources import resources_dir
 
 REGISTRY_VERSION = 1
 USER_REGISTRY_VERSION = 1
 FORMATS = ("maissegment", "sam-med3d")
-RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
+RESOURCES = resources_dir()  # Resources/ of the checkout, or its copy inside an installed wheel
 DEFAULT_REGISTRY = RESOURCES / "models.json"
 ENV_REGISTRY = "MAIS_MODELS_JSON"
 ENV_CACHE = "MAIS_WEIGHTS_DIR"

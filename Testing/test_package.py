@@ -40,3 +40,12 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TESTING.parent, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject.toml lists the packages (Resources/ is mapped into the package): a new subpackage must be added."""
+    import tomllib
+
+    listed = set(tomllib.loads((TESTING.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(LIB.parent).parts) for p in LIB.rglob("__init__.py")}
+    assert found <= listed and "MAISSegmentLib._resources" in listed
