@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +40,16 @@ from .model.mais import MAISModel
 from .roi import Box, Roi, positive_roi_range, roi_logits_on_grid, sample_roi
 from .sysinfo import check_fits_in_memory
 from .volume import Volume, as_point3
+from .weights_identity import weights_sha256
 
 STATE_FORMAT = "maissegment-session"
 STATE_VERSION = 1
 GROW_MIN_MM = 12.0  # a neighbouring ROI is added only if the image continues this far beyond the face
+MAX_CLICKS = 500  # clicks per object: each click is kept in the ROI's prompt and memory, and a rebuild (a moved or
+# forgotten point, a resumed state) replays all of them; at ~50 ms a click 500 clicks replay in about half a minute
+MAX_ROIS = 125  # ROIs per object (5x5x5 windows of 192 mm: a whole-body structure); each costs an encoder run
+MAX_NEW_ROIS_PER_CLICK = 8  # encoder runs a click may add by growth (about a second each on a CPU)
+DEFAULT_UNDO_BYTES = 256 * 2**20  # undo history kept per session (compressed patches + model states)
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ class SessionOptions:
     use_memory: bool = True  # MAIS memory on (False: the no-memory baseline, same weights)
     memory_size: int = 60  # memory bank capacity N per ROI
     grow_rois: bool = True  # add neighbouring ROIs when the mask reaches a ROI face
-    max_rois: int = 27  # upper bound on ROIs per object
+    max_rois: int = 27  # upper bound on ROIs per object (at most MAX_ROIS)
     max_new_rois_per_click: int = 2  # growth per click is capped (each new ROI costs an encoder run); the
     # object keeps growing with the next clicks, so a click always answers in bounded time
     grow_min_face_voxels: int = 2  # low-res voxels of a face the mask must cover before a neighbour is added
@@ -63,14 +70,21 @@ class SessionOptions:
     click_margin: float = 4.0  # a click within this many ROI voxels of a face opens a new ROI
     max_image_voxels: int = 2_000_000_000  # refuse larger images (the mask alone needs 1 byte/voxel)
     undo_limit: int = 200  # operations kept for undo
+    undo_bytes: int = DEFAULT_UNDO_BYTES  # bytes of undo history kept (oldest operations dropped first)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if not 1 <= self.memory_size <= 10_000:
             raise ConfigError(f"memory_size must be between 1 and 10000, got {self.memory_size}")
-        if not 1 <= self.max_rois <= 1000:
-            raise ConfigError(f"max_rois must be between 1 and 1000, got {self.max_rois}")
-        if not 0 <= self.max_new_rois_per_click <= 1000:
-            raise ConfigError(f"max_new_rois_per_click must be between 0 and 1000, got {self.max_new_rois_per_click}")
+        if not 1 <= self.max_rois <= MAX_ROIS:
+            raise ConfigError(
+                f"max_rois must be between 1 and {MAX_ROIS} (each ROI costs an image-encoder run), got {self.max_rois}"
+            )
+        if not 0 <= self.max_new_rois_per_click <= MAX_NEW_ROIS_PER_CLICK:
+            raise ConfigError(
+                f"max_new_rois_per_click must be between 0 and {MAX_NEW_ROIS_PER_CLICK} (each new ROI costs an "
+                f"image-encoder run in the click), got {self.max_new_rois_per_click}"
+            )
         if self.grow_min_face_voxels < 1:
             raise ConfigError(f"grow_min_face_voxels must be >= 1, got {self.grow_min_face_voxels}")
         if not 0 < self.blend_margin <= 64:
@@ -79,8 +93,29 @@ class SessionOptions:
             raise ConfigError(f"click_margin must be in [0, 32) ROI voxels, got {self.click_margin}")
         if self.max_image_voxels < 8:
             raise ConfigError("max_image_voxels is too small")
-        if self.undo_limit < 0:
-            raise ConfigError("undo_limit must be >= 0")
+        if not 0 <= self.undo_limit <= 100_000:
+            raise ConfigError(f"undo_limit must be between 0 and 100000, got {self.undo_limit}")
+        if self.undo_bytes < 0:
+            raise ConfigError(f"undo_bytes must be >= 0, got {self.undo_bytes}")
+
+
+def _check_types(options: SessionOptions) -> None:
+    """Refuse option values of the wrong type (e.g. ``"no"`` for a bool, ``"60"`` or ``2.5`` for an int, read from a
+    hand-edited state file) with a :class:`ConfigError` naming the option."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        kind = {"bool": bool, "int": int, "float": float}[f.type]
+        ok = (
+            isinstance(value, bool)
+            if kind is bool
+            else isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            if kind is int
+            else isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        )
+        if not ok:
+            raise ConfigError(f"session option {f.name} must be a{'n' if kind is int else ''} {f.type}, got {value!r}")
+        if kind is float and not np.isfinite(value):
+            raise ConfigError(f"session option {f.name} must be a finite number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -157,13 +192,139 @@ class _Snapshot:
 
 @dataclass
 class _Record:
-    """One undoable operation: the states before/after and the mask patch it wrote."""
+    """One undoable operation: the states before/after and the voxels it flipped inside ``box``.
+
+    The mask change is stored as the XOR of the mask before and after inside ``box``, bit-packed and compressed
+    (``zlib``): a click changes few voxels of its box, so this costs a few bytes per changed voxel's neighbourhood
+    instead of two bytes per box voxel. Applying it flips the same voxels back (undo) or again (redo).
+    """
 
     before: _Snapshot
     after: _Snapshot
     box: Box
-    mask_before: np.ndarray
-    mask_after: np.ndarray
+    flipped: bytes  # zlib(packbits(mask_before ^ mask_after)) over box.shape_kji
+
+    @staticmethod
+    def pack(before: np.ndarray, after: np.ndarray) -> bytes:
+        """The compressed XOR of two equally shaped masks."""
+        return zlib.compress(np.packbits(np.not_equal(before, after), axis=None).tobytes(), 1)
+
+    def flip(self, mask: np.ndarray) -> None:
+        """Flip ``mask[box]`` (uint8 KJI, the whole image) where this operation changed it: after <-> before."""
+        if self.box.empty:
+            return
+        shape = self.box.shape_kji
+        bits = np.frombuffer(zlib.decompress(self.flipped), dtype=np.uint8)
+        changed = np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+        view = mask[self.box.slices]
+        view[changed] ^= 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this record keeps alive: its patch plus the ROI logits its "after" state introduced."""
+        kept = {id(st.prev) for st in self.before.rois if st.prev is not None}
+        logits = sum(
+            st.prev.numel() * st.prev.element_size()
+            for st in self.after.rois
+            if st.prev is not None and id(st.prev) not in kept
+        )
+        return len(self.flipped) + logits
+
+
+def _check_click_count(count: int) -> None:
+    if count > MAX_CLICKS:
+        raise PromptError(
+            f"an object takes at most {MAX_CLICKS} clicks ({count} given): every click stays in the prompt and the "
+            "memory, and recomputing replays all of them; forget or undo earlier clicks, or start a new segment"
+        )
+
+
+def parse_state(state: Any) -> tuple[SessionOptions, list[Click]]:
+    """Validate a saved session state (:meth:`InteractiveSession.state`) without running anything.
+
+    Returns:
+        ``(options, clicks)``; clicks in RAS mm, not yet checked against an image.
+
+    Raises:
+        ConfigError: not a state, a newer version, a missing or wrongly typed field, an option out of bounds,
+            more than :data:`MAX_CLICKS` clicks, a click that is not ``{"ras": [x, y, z], "include": true|false}``
+            with finite coordinates, or an image geometry that is not a shape and a 4x4 matrix.
+    """
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ConfigError(f"not a MAISSegment session state (a JSON object with format {STATE_FORMAT!r} is needed)")
+    version = state.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ConfigError(f"the session state's version must be an integer, got {version!r}")
+    if version > STATE_VERSION:
+        raise ConfigError(
+            f"session state version {version} is newer than this MAISSegment (reads up to "
+            f"{STATE_VERSION}); update MAISSegment to continue it"
+        )
+    for key in ("model_id", "weights_sha256"):
+        if state.get(key) is not None and not isinstance(state[key], str):
+            raise ConfigError(f"the session state's {key} must be a string, got {state[key]!r}")
+    saved = state.get("options")
+    if not isinstance(saved, dict):
+        raise ConfigError("the session state has no options object")
+    saved = dict(saved)
+    # states written before grow_connected existed grew from any part of the mask: replay them that way
+    saved.setdefault("grow_connected", False)
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(SessionOptions)})
+    if unknown:
+        raise ConfigError(f"the session state has unknown option(s) {', '.join(unknown)} (made by a newer version?)")
+    options = SessionOptions(**saved)
+    geom = state.get("image")
+    try:
+        shape = [int(x) for x in geom["shape_kji"]] if isinstance(geom["shape_kji"], list) else None
+        matrix = np.asarray(geom["ijk_to_ras"], dtype=float)
+    except (KeyError, TypeError, ValueError):
+        shape, matrix = None, None
+    if shape is None or len(shape) != 3 or matrix is None or matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise ConfigError("the session state's image geometry is missing or malformed (shape_kji and ijk_to_ras)")
+    raw = state.get("clicks")
+    if not isinstance(raw, list):
+        raise ConfigError("the session state's clicks must be a list")
+    if len(raw) > MAX_CLICKS:
+        raise ConfigError(
+            f"the session state has {len(raw)} clicks; an object takes at most {MAX_CLICKS} (each click is replayed "
+            "on resume); it was not made by MAISSegment or was edited"
+        )
+    return options, [_parse_click(c, n, len(raw)) for n, c in enumerate(raw)]
+
+
+def _parse_click(item: Any, n: int, total: int) -> Click:
+    where = f"stored click {n + 1} of {total}"
+    if not isinstance(item, dict) or set(item) - {"ras", "include"}:
+        raise ConfigError(f"{where} must be an object with 'ras' and 'include', got {str(item)[:80]}")
+    include = item.get("include")
+    if not isinstance(include, bool):
+        raise ConfigError(f"{where}: 'include' must be true or false, got {include!r}")
+    ras = item.get("ras")
+    if (
+        not isinstance(ras, list)
+        or len(ras) != 3
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in ras)
+    ):
+        raise ConfigError(f"{where}: 'ras' must be 3 numbers (RAS mm), got {str(ras)[:80]}")
+    if not all(np.isfinite(ras)):
+        raise ConfigError(f"{where}: 'ras' must be finite numbers, got {ras}")
+    return Click((float(ras[0]), float(ras[1]), float(ras[2])), include)
+
+
+def state_weights_match(state: dict[str, Any], model: MAISModel) -> bool:
+    """Whether ``state`` was made with ``model``'s weights: the recorded SHA-256 when there is one, else (states
+    written before it was recorded) the model id, where a missing or "unknown" id cannot tell and counts as a match."""
+    stored = state.get("weights_sha256")
+    if stored:
+        return stored == weights_sha256(model)
+    report = getattr(model, "load_report", None)
+    current = (report.model_id if report is not None else None) or "unknown"
+    return state.get("model_id") in (None, "unknown", current)
+
+
+def _describe_weights(state: dict[str, Any]) -> str:
+    sha = state.get("weights_sha256")
+    return f"model {state.get('model_id')!r}" + (f", weights SHA-256 {sha[:12]}…" if sha else "")
 
 
 class InteractiveSession:
@@ -198,6 +359,7 @@ class InteractiveSession:
         self._undo: list[_Record] = []
         self._redo: list[_Record] = []
         self.encoder_runs = 0  # number of image-encoder calls (once per ROI)
+        self.dropped_undo = 0  # undo records dropped so far to stay within undo_limit / undo_bytes
         self.last_timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------ properties
@@ -285,6 +447,7 @@ class InteractiveSession:
             PromptError: malformed point, outside the image, include click on a protected voxel.
         """
         self._need_image()
+        _check_click_count(len(self._clicks) + 1)
         click = self._make_click(point, include, space)
         before = self._snapshot()
         t0 = time.perf_counter()
@@ -313,7 +476,7 @@ class InteractiveSession:
             return Box.nothing()
         rec = self._undo.pop()
         self._restore(rec.before)
-        self._mask[rec.box.slices] = rec.mask_before
+        rec.flip(self._mask)
         self._redo.append(rec)
         return rec.box
 
@@ -323,7 +486,7 @@ class InteractiveSession:
             return Box.nothing()
         rec = self._redo.pop()
         self._restore(rec.after)
-        self._mask[rec.box.slices] = rec.mask_after
+        rec.flip(self._mask)
         self._undo.append(rec)
         return rec.box
 
@@ -350,6 +513,7 @@ class InteractiveSession:
             PromptError: a click that :meth:`add_click` would refuse (nothing changes).
         """
         self._need_image()
+        _check_click_count(len(clicks))
         new = [self._make_click(p, inc, space) for p, inc in clicks]
         return self._rebuild(new, self.options)
 
@@ -369,12 +533,13 @@ class InteractiveSession:
 
     # ------------------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
-        """JSON-serialisable state: clicks, options, model id and the image geometry."""
+        """JSON-serialisable state: clicks, options, model id, the weights' SHA-256 and the image geometry."""
         self._need_image()
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "model_id": self.model_id,
+            "weights_sha256": weights_sha256(self.model),
             "options": dataclasses.asdict(self.options),
             "image": {
                 "shape_kji": [int(x) for x in self.image.array.shape],
@@ -391,40 +556,52 @@ class InteractiveSession:
         state: dict[str, Any],
         protected: np.ndarray | None = None,
         check_model: bool = True,
+        progress: Callable[[int, int], None] | None = None,
     ) -> InteractiveSession:
         """Rebuild a session from :meth:`state` on the same image; replays the clicks to the same mask.
 
+        Every field is validated before anything runs (:func:`parse_state`): options of the right type and within
+        bounds, at most :data:`MAX_CLICKS` clicks, each a finite RAS point inside the image with a true/false side.
+
+        Args:
+            check_model: refuse a state made with other weights (its ``weights_sha256``; states written before the
+                hash was recorded are checked by model id). False: replay with the given model anyway (the mask may
+                differ from the one saved: call :func:`state_weights_match` to tell the user first).
+            progress: called as ``progress(done, total)`` after each replayed click (long replays).
+
         Raises:
-            ConfigError: not a session state, another model (``check_model``), or another image geometry.
+            ConfigError: not a session state, malformed, made with other weights (``check_model``), or another
+                image geometry.
+            PromptError: a stored click outside the image or on a protected voxel.
         """
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ConfigError("not a MAISSegment session state (missing format 'maissegment-session')")
-        if int(state.get("version", 0)) > STATE_VERSION:
-            raise ConfigError(f"session state version {state.get('version')} is newer than this MAISSegment")
-        try:
-            saved = dict(state["options"])
-            # states written before grow_connected existed grew from any part of the mask: replay them that way
-            saved.setdefault("grow_connected", False)
-            options = SessionOptions(**saved)
-            clicks = [Click(tuple(float(x) for x in c["ras"]), bool(c["include"])) for c in state["clicks"]]
-            geom = state["image"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"the session state is incomplete or malformed: {exc}") from None
+        options, clicks = parse_state(state)
         session = cls(model, options)
-        if check_model and state.get("model_id") not in (None, "unknown", session.model_id):
+        if check_model and not state_weights_match(state, model):
             raise ConfigError(
-                f"the session was made with model {state.get('model_id')!r} but {session.model_id!r} is loaded; "
-                "load that model (or pass check_model=False to replay with this one)"
+                f"the session was made with other weights ({_describe_weights(state)}) than the loaded model "
+                f"({session.model_id!r}, weights SHA-256 {weights_sha256(model)[:12]}…), so replaying its clicks "
+                "would not give the saved mask; load the model it was made with, or start a new session"
             )
         session.model_id = state.get("model_id") or session.model_id
+        geom = state["image"]
         if list(volume.array.shape) != list(geom["shape_kji"]) or not np.allclose(
-            volume.ijk_to_ras, np.asarray(geom["ijk_to_ras"]), atol=1e-4
+            volume.ijk_to_ras, np.asarray(geom["ijk_to_ras"], dtype=float), atol=1e-4
         ):
-            raise ConfigError("the session state belongs to another image (shape or geometry differ)")
+            raise ConfigError(
+                "the session state belongs to another image (its voxel grid, shape or position differ); "
+                "resume it on the image it was made on"
+            )
         session.set_image(volume, protected)
-        for c in clicks:
+        for n, c in enumerate(clicks):  # (not the protected voxels: they may have changed since, as on replay)
+            try:
+                session._check_inside(np.asarray(c.ras))
+            except PromptError as exc:
+                raise PromptError(f"stored click {n + 1} of {len(clicks)}: {exc}") from None
+        for n, c in enumerate(clicks):
             session._apply_click(c, len(session._clicks))
             session._clicks.append(c)
+            if progress is not None:
+                progress(n + 1, len(clicks))
         session._compose(session._positive_box(session._rois))
         return session
 
@@ -448,13 +625,8 @@ class InteractiveSession:
             raise PromptError(f"include must be True or False, got {include!r}")
         p = as_point3(point, PromptError)
         ras = self.image.ijk_to_ras_points(p[None])[0] if space == "ijk" else p
-        ijk = self.image.ras_to_ijk_points(ras[None])[0]
+        ijk = self._check_inside(ras)
         n = np.asarray(self.image.shape_ijk)
-        if np.any(ijk < -0.5) or np.any(ijk > n - 0.5):
-            raise PromptError(
-                f"the click at RAS {np.round(ras, 2).tolist()} mm (IJK {np.round(ijk, 1).tolist()}) is outside the "
-                f"image (IJK size {n.tolist()}); check the coordinate system (RAS vs LPS) of the points"
-            )
         if include and self.protected is not None:
             i, j, k = np.clip(np.floor(ijk + 0.5).astype(int), 0, n - 1)
             if self.protected[k, j, i]:
@@ -463,6 +635,17 @@ class InteractiveSession:
                     "overwritten); click inside the object, or change the masking settings"
                 )
         return Click((float(ras[0]), float(ras[1]), float(ras[2])), bool(include))
+
+    def _check_inside(self, ras: np.ndarray) -> np.ndarray:
+        """The continuous IJK index of RAS point ``ras`` ``(3,)``; PromptError when it lies outside the image."""
+        ijk = self.image.ras_to_ijk_points(ras[None])[0]
+        n = np.asarray(self.image.shape_ijk)
+        if np.any(ijk < -0.5) or np.any(ijk > n - 0.5):
+            raise PromptError(
+                f"the click at RAS {np.round(ras, 2).tolist()} mm (IJK {np.round(ijk, 1).tolist()}) is outside the "
+                f"image (IJK size {n.tolist()}); check the coordinate system (RAS vs LPS) of the points"
+            )
+        return ijk
 
     def _new_roi_state(self, center: np.ndarray) -> _RoiState:
         if len(self._rois) >= self.options.max_rois:
@@ -642,10 +825,37 @@ class InteractiveSession:
         self.options = snap.options
 
     def _record(self, before: _Snapshot, box: Box, mask_before: np.ndarray) -> None:
-        rec = _Record(before, self._snapshot(), box, mask_before, self._mask[box.slices].copy())
+        rec = _Record(before, self._snapshot(), box, _Record.pack(mask_before, self._mask[box.slices]))
         self._undo.append(rec)
-        del self._undo[: max(0, len(self._undo) - self.options.undo_limit)]
         self._redo.clear()
+        self.dropped_undo += self._trim_undo()
+
+    def _trim_undo(self) -> int:
+        """Drop the oldest undo records beyond ``undo_limit`` operations or ``undo_bytes`` bytes. Returns how many."""
+        count = max(0, len(self._undo) - self.options.undo_limit)
+        total = sum(r.nbytes for r in self._undo[count:])
+        while count < len(self._undo) - 1 and total > self.options.undo_bytes:
+            total -= self._undo[count].nbytes
+            count += 1
+        del self._undo[:count]
+        return count
+
+    @property
+    def undo_nbytes(self) -> int:
+        """Bytes held by the undo and redo history (compressed mask patches and the ROI logits they keep alive)."""
+        return sum(r.nbytes for r in self._undo) + sum(r.nbytes for r in self._redo)
+
+    @property
+    def undo_depth(self) -> int:
+        """Operations that can be undone."""
+        return len(self._undo)
+
+    def drop_oldest_undo(self, count: int = 1) -> int:
+        """Forget the ``count`` oldest undoable operations (to free memory). Returns how many were dropped."""
+        count = max(0, min(int(count), len(self._undo)))
+        del self._undo[:count]
+        self.dropped_undo += count
+        return count
 
     def _rebuild(self, clicks: list[Click], options: SessionOptions) -> Box:
         """Replace the clicks/options and replay from scratch (undoable)."""
