@@ -387,6 +387,7 @@ def build_model(
     has_memory_weights = any(k.startswith(MEMORY_PREFIX) for k in sd)
     if model.has_memory and not has_memory_weights:
         expected = {k: v for k, v in expected.items() if not k.startswith(MEMORY_PREFIX)}
+        model.init_fresh_memory()  # the same file always gives the same network (saved sessions replay exactly)
         report.memory_attention = "fresh"
         report.notes.append("the checkpoint has no memory attention: it starts fresh (untrained)")
     elif model.has_memory:

@@ -164,3 +164,15 @@ def test_undo_history_is_compact_and_byte_bounded(model, volume):
         small.add_click(p, inc)
     assert small.undo_depth == 1 and small.dropped_undo == 2  # the newest operation is always kept
     assert small.undo_nbytes > 0
+
+
+def test_a_sam_med3d_file_loads_to_the_same_weights_every_time(volume):
+    """Its memory attention starts fresh but from a fixed seed: a state saved with it resumes (same SHA-256, same
+    mask) in another load of the file."""
+    first = build_model(None, checkpoint=TINY / "ref_tiny.pth")
+    assert first.load_report.memory_attention == "fresh"
+    s = new_session(first, volume)
+    s.add_click(*CLICKS[0])
+    second = build_model(None, checkpoint=TINY / "ref_tiny.pth")
+    assert weights_sha256(second) == weights_sha256(first)
+    assert np.array_equal(InteractiveSession.from_state(second, volume, s.state()).mask, s.mask)

@@ -63,6 +63,19 @@ class MAISModel(nn.Module):
         self.mask_decoder = MaskDecoder3D(cfg.embed_dim, cfg.mask_decoder)
         self.memory_attention = MemoryAttention(cfg.embed_dim, cfg.memory) if cfg.memory is not None else None
 
+    def init_fresh_memory(self, seed: int = 0) -> None:
+        """Re-initialise the memory attention from a fixed seed (the global RNG is left untouched).
+
+        A checkpoint without memory weights (SAM-Med3D) gets a fresh, untrained memory attention; drawing it from a
+        fixed seed makes every load of the same file the same network, so a saved session replays to the same mask.
+        """
+        if self.cfg.memory is None:
+            return
+        device = self.device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.memory_attention = MemoryAttention(self.cfg.embed_dim, self.cfg.memory).to(device)
+
     # ------------------------------------------------------------------------------- helpers
     @property
     def device(self) -> torch.device:
