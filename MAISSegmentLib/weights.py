@@ -16,8 +16,13 @@
   ``<cache>/user_models.json`` records what was imported or downloaded (id -> file, SHA-256, size,
   source, format, preset, date), so a damaged file is detected even before the registry knows the hash.
 * Files are verified by SHA-256 whenever it is known (the registry's, else the one recorded on import or
-  download). Every write is to a temporary file in the same folder, renamed into place only once it is
-  complete and verified: an interrupted or failed download never leaves a partial file.
+  download). A registered model without a SHA-256 in the registry (``sam-med3d-turbo`` today) is *trusted on
+  first use*: its first download must load as the registered network, its hash is recorded, and every later
+  load and re-download must match that hash (:attr:`ModelEntry.verification_text` says which case applies).
+  Every write is to a temporary file in the same folder, renamed into place only once it is complete and
+  verified: an interrupted or failed download never leaves a partial file.
+* Downloads follow redirects only to ``https://`` addresses (never down to plain http), and stop at the
+  registry's ``size_bytes`` when known, else at :data:`MAX_DOWNLOAD_BYTES`.
 
 Nothing here is downloaded implicitly: :func:`download` is the user's action (``mais weights download``).
 """
@@ -55,21 +60,35 @@ ENV_CACHE = "MAIS_WEIGHTS_DIR"
 USER_REGISTRY = "user_models.json"
 CHUNK = 1 << 20
 DEFAULT_TIMEOUT_S = 30.0
+# Cap on a download whose size the registry does not record: ten times the largest SAM-Med3D checkpoint
+# (vit-b, ~400 MiB), so a wrong URL or a hostile server cannot fill the disk.
+MAX_DOWNLOAD_BYTES = 4 << 30
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-_FIELDS = (
-    "id",
-    "version",
-    "file",
-    "url",
-    "sha256",
-    "size_bytes",
-    "license",
-    "format",
-    "preset",
-    "description",
-    "trained_on",
-)
+# Field of a registry entry -> (accepted JSON types, what the message calls them); every field but id,
+# file and format may also be null.
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "id": ((str,), "text"),
+    "version": ((str, int, float), "text or a number"),
+    "file": ((str,), "text"),
+    "url": ((str,), "text"),
+    "sha256": ((str,), "text"),
+    "size_bytes": ((int,), "an integer"),
+    "license": ((str,), "text"),
+    "format": ((str,), "text"),
+    "preset": ((str,), "text"),
+    "description": ((str,), "text"),
+    "trained_on": ((str,), "text"),
+}
+_FIELDS = tuple(_FIELD_TYPES)
+_REQUIRED = ("id", "file", "format")
+# Fields of a record in the cache's user_models.json (all may be null).
+_RECORD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    **{k: v for k, v in _FIELD_TYPES.items() if k not in ("id", "url")},
+    "origin": ((str,), "text"),
+    "source": ((str,), "text"),
+    "imported_at": ((str,), "text"),
+}
 
 ProgressCallback = Callable[[int, "int | None"], None]
 
@@ -114,12 +133,32 @@ class ModelEntry:
     local_sha256: str | None = None
     source: str | None = None
     imported_at: str | None = None
+    origin: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def expected_sha256(self) -> str | None:
         """The SHA-256 the file must have: the registry's, else the one recorded locally."""
         return self.sha256 or self.local_sha256
+
+    @property
+    def verification_text(self) -> str:
+        """How the file is verified, in words for a listing (``mais weights list``, the Slicer module).
+
+        ``"verified (SHA-256 in the registry)"``; ``"SHA-256 recorded at first download (trust on first use)"``
+        or ``"SHA-256 recorded at import"`` (no registry hash, the local record is checked);
+        ``"unverified (first download records the hash)"`` (downloadable, no hash known yet);
+        ``"unverified (no SHA-256 known)"``.
+        """
+        if self.sha256:
+            return "verified (SHA-256 in the registry)"
+        if self.local_sha256:
+            if self.origin == "download":
+                return "SHA-256 recorded at first download (trust on first use)"
+            return "SHA-256 recorded at import"
+        if self.builtin and self.url:
+            return "unverified (first download records the hash)"
+        return "unverified (no SHA-256 known)"
 
 
 # ------------------------------------------------------------------------------------ locations
@@ -147,6 +186,17 @@ def _relative_file(value: Any, where: str) -> str:
     if pp.is_absolute() or ".." in pp.parts or "\\" in value or ":" in value:
         raise WeightsError(f"{where}: 'file' {value!r} must be a relative path without '..'")
     return value
+
+
+def _check_types(record: dict[str, Any], types: dict[str, tuple[tuple[type, ...], str]], where: str) -> None:
+    """Raise :class:`WeightsError` naming the first field of ``record`` whose JSON type is wrong (null is
+    accepted here; required fields are checked by the caller). ``true``/``false`` are not numbers."""
+    for name, (accepted, what) in types.items():
+        value = record.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise WeightsError(f"{where}: '{name}' must be {what} or null, not {type(value).__name__} {value!r:.60}")
 
 
 def load_registry(registry: str | os.PathLike | None = None) -> tuple[str | None, list[ModelEntry]]:
@@ -183,6 +233,7 @@ def load_registry(registry: str | os.PathLike | None = None) -> tuple[str | None
         if not isinstance(mid, str) or not _ID.match(mid):
             raise WeightsError(f"{where}: invalid id {mid!r} (letters, digits, '.', '_', '-')")
         where = f"model registry {path}, model {mid!r}"
+        _check_types(raw, _FIELD_TYPES, where)
         sha = raw.get("sha256")
         if sha is not None and (not isinstance(sha, str) or not _SHA.match(sha.lower())):
             raise WeightsError(f"{where}: 'sha256' must be 64 hex digits or null")
@@ -213,6 +264,8 @@ def load_registry(registry: str | os.PathLike | None = None) -> tuple[str | None
             )
         )
     default = doc.get("default")
+    if default is not None and not isinstance(default, str):
+        raise WeightsError(f"model registry {path}: 'default' must be a model id (text) or null, not {default!r:.60}")
     if default is not None and not any(e.id == default for e in entries):
         raise WeightsError(f"model registry {path}: default {default!r} is not one of its models")
     return default, entries
@@ -223,15 +276,37 @@ def default_model_id(registry: str | os.PathLike | None = None) -> str | None:
     return load_registry(registry)[0]
 
 
+def _check_user_record(model_id: str, record: Any) -> None:
+    """Raise ``TypeError`` (turned into "damaged" by the reader) for a malformed user_models.json record."""
+    if not _ID.match(model_id):
+        raise TypeError(f"invalid model id {model_id!r}")
+    if not isinstance(record, dict):
+        raise TypeError(f"model {model_id!r} is not an object")
+    try:
+        _check_types(record, _RECORD_TYPES, f"model {model_id!r}")
+    except WeightsError as exc:
+        raise TypeError(str(exc)) from None
+    sha = record.get("sha256")
+    if sha is not None and not _SHA.match(sha):
+        raise TypeError(f"model {model_id!r}: 'sha256' is not 64 lower-case hex digits")
+
+
 def _read_user_registry(cache: Path) -> dict[str, dict[str, Any]]:
+    """The records of the cache's ``user_models.json`` (id -> record), checked field by field.
+
+    Raises:
+        WeightsError: the file cannot be read or a record is malformed (the message names it).
+    """
     path = cache / USER_REGISTRY
     if not path.exists():
         return {}
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         models = doc["models"]
-        if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
-            raise TypeError("'models' is not an object of objects")
+        if not isinstance(models, dict):
+            raise TypeError("'models' is not an object")
+        for model_id, record in models.items():
+            _check_user_record(model_id, record)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise WeightsError(f"{path} is damaged ({exc}); delete it and import/download the models again") from None
     return models
@@ -259,6 +334,7 @@ def _locate(entry: ModelEntry, reg_dir: Path, cache: Path, rec: dict[str, Any] |
         entry.local_sha256 = rec.get("sha256")
         entry.source = rec.get("source")
         entry.imported_at = rec.get("imported_at")
+        entry.origin = rec.get("origin")
     size = entry.size_bytes or (rec or {}).get("size_bytes")
     if entry.builtin:
         bundled = reg_dir / entry.file
@@ -294,7 +370,7 @@ def list_models(registry: str | os.PathLike | None = None, cache: str | os.PathL
             continue
         e = ModelEntry(
             id=mid,
-            version=rec.get("version"),
+            version=None if rec.get("version") is None else str(rec["version"]),
             file=_relative_file(rec.get("file") or f"imported/{mid}.pth", f"{cdir / USER_REGISTRY}, model {mid!r}"),
             sha256=None,
             size_bytes=rec.get("size_bytes"),
@@ -395,6 +471,14 @@ def _write_atomic(dest: Path, data: bytes) -> None:
     atomic_write(dest, lambda tmp: tmp.write_bytes(data))
 
 
+def _size(path: Path) -> int:
+    """Size of a file in bytes, 0 when it is not there (for messages about a partial download)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _mkdir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -478,6 +562,115 @@ def _check_identity(entry: ModelEntry, info: dict[str, Any], what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- download
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an ``https://`` address: a download is never moved down to plain http (where
+    anyone on the way could swap the file) nor to another scheme."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's hook, called before following
+        if urllib.parse.urlparse(newurl).scheme.lower() != "https":
+            fp.close()
+            raise WeightsError(
+                f"download refused: {req.full_url} redirects (HTTP {code}) to {newurl}, which is not an https:// "
+                "address; report it, or download the file yourself and run `mais weights import FILE --id ID`"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _open_url(url: str, timeout: float) -> Any:
+    """Open ``url`` for reading (https-only redirects, our User-Agent); urllib's exceptions pass through."""
+    from . import __version__
+
+    request = urllib.request.Request(url, headers={"User-Agent": f"MAISSegment/{__version__}"})
+    return urllib.request.build_opener(_HttpsOnlyRedirects).open(request, timeout=timeout)
+
+
+def _download_limit(entry: ModelEntry, max_bytes: int) -> tuple[int, str]:
+    """Most bytes a download of ``entry`` may have: the registry's size when known, else ``max_bytes``;
+    with the phrase that names the limit in messages."""
+    if entry.size_bytes:
+        return entry.size_bytes, f"the registry's size of {entry.size_bytes} bytes"
+    return max_bytes, f"the limit of {max_bytes} bytes for a model without a registered size"
+
+
+def _stream(
+    resp: Any, out: Any, entry: ModelEntry, max_bytes: int, progress: ProgressCallback | None
+) -> tuple[int, str]:
+    """Copy the response body into ``out`` chunk by chunk, hashing it and stopping as soon as it exceeds the
+    limit (:func:`_download_limit`).
+
+    Returns:
+        ``(bytes written, their SHA-256)``.
+
+    Raises:
+        WeightsError: announced or actual size over the limit, or fewer bytes than announced.
+    """
+    most, what = _download_limit(entry, max_bytes)
+    length = resp.headers.get("Content-Length")
+    announced = int(length) if length and length.isdigit() else None
+    if announced is not None and entry.size_bytes and announced != entry.size_bytes:
+        raise WeightsError(
+            f"download of {entry.id!r} failed: the server offers {announced} bytes, the registry expects "
+            f"{entry.size_bytes}; the file at {resp.geturl()} changed (update MAISSegment)"
+        )
+    if announced is not None and announced > most:
+        raise WeightsError(
+            f"download of {entry.id!r} refused: the server offers {announced} bytes, more than {what}; the file "
+            f"at {resp.geturl()} is not the registered one (update MAISSegment)"
+        )
+    total = announced if announced is not None else entry.size_bytes
+    h = hashlib.sha256()
+    done = 0
+    if progress:
+        progress(0, total)
+    while chunk := resp.read(CHUNK):
+        done += len(chunk)
+        if done > most:
+            raise WeightsError(f"download of {entry.id!r} stopped: the file is larger than {what}; nothing was kept")
+        out.write(chunk)
+        h.update(chunk)
+        if progress:
+            progress(done, total)
+    if announced is not None and done != announced:
+        raise WeightsError(f"download of {entry.id!r} was cut short ({done} of {announced} bytes); try again")
+    return done, h.hexdigest()
+
+
+def _check_download_identity(entry: ModelEntry, tmp: Path, digest: str) -> None:
+    """Check a downloaded file against what is known of the model, before it is kept.
+
+    The registry's SHA-256 when it has one. Otherwise (trust on first use): the hash recorded at the first
+    download or import when there is one, else the file must load strictly as the registered network.
+
+    Raises:
+        WeightsError: the file is not the model.
+    """
+    mid = entry.id
+    if entry.sha256:
+        if digest != entry.sha256:
+            raise WeightsError(
+                f"download of {mid!r} is not the registered file (SHA-256 {digest[:12]}... instead of "
+                f"{entry.sha256[:12]}...); it was damaged in transit or changed on the server. Nothing was kept"
+            )
+        return
+    if entry.local_sha256:
+        if digest != entry.local_sha256:
+            first = "first downloaded" if entry.origin == "download" else "imported"
+            raise WeightsError(
+                f"download of {mid!r} differs from the file {first} on {entry.imported_at or 'an earlier date'} "
+                f"(SHA-256 {digest[:12]}... now, {entry.local_sha256[:12]}... then): the file at {entry.url} changed "
+                "or was tampered with. Nothing was kept; if you trust the new file, download it yourself and run "
+                f"`mais weights import FILE --id {mid} --replace`"
+            )
+        return
+    from .errors import CheckpointError
+
+    try:
+        info = inspect_checkpoint(tmp)
+    except CheckpointError as exc:
+        raise WeightsError(f"download of {mid!r} is not a usable checkpoint: {exc}") from None
+    _check_identity(entry, info, f"the file downloaded from {entry.url}")
+
+
 def download(
     model_id: str,
     progress: ProgressCallback | None = None,
@@ -485,21 +678,27 @@ def download(
     cache: str | os.PathLike | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
     force: bool = False,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> Path:
     """Download a registered model into the cache and return its path.
 
-    The file is written to a temporary file in the cache folder, its size and SHA-256 are checked (when
-    the registry knows them; when it does not, the file must load as the registered network), and it is
-    renamed into place. On any failure the temporary file is deleted and nothing else changes.
+    The file is streamed into a temporary file in the cache folder and checked: its size (the registry's
+    ``size_bytes`` when known, else at most ``max_bytes``; the download stops as soon as it is over), then its
+    SHA-256 against the registry's, else against the one recorded at the first download (trust on first use),
+    else it must load as the registered network and its SHA-256 is recorded. Only then is it renamed into
+    place. Redirects are followed only to https:// addresses. On any failure the temporary file is deleted
+    and nothing else changes.
 
     Args:
         model_id: a registered id with a URL.
         progress: called as ``progress(bytes_done, bytes_total_or_None)`` at the start and after each chunk.
         timeout: seconds without network activity before giving up.
         force: download again even if a verified copy is there.
+        max_bytes: size cap when the registry does not record the size (:data:`MAX_DOWNLOAD_BYTES`).
 
     Raises:
-        WeightsError: unknown id, no URL, no network, HTTP error, timeout, short or wrong file, disk error.
+        WeightsError: unknown id, no URL, no network, HTTP error, timeout, redirect to a non-https address,
+        file too large, short or not the model, disk error.
     """
     entry = get_model(model_id, registry, cache)
     if not entry.builtin or not entry.url:
@@ -522,32 +721,9 @@ def download(
         f"on an offline machine, download {entry.url} elsewhere and run `mais weights import FILE --id {model_id}`"
     )
     try:
-        h = hashlib.sha256()
-        done = 0
         try:
-            from . import __version__
-
-            request = urllib.request.Request(entry.url, headers={"User-Agent": f"MAISSegment/{__version__}"})
-            with urllib.request.urlopen(request, timeout=timeout) as resp, open(tmp, "wb") as out:
-                length = resp.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else entry.size_bytes
-                if entry.size_bytes and length and length.isdigit() and int(length) != entry.size_bytes:
-                    raise WeightsError(
-                        f"download of {model_id!r} failed: the server offers {int(length)} bytes, the registry "
-                        f"expects {entry.size_bytes}; the file at {entry.url} changed (update MAISSegment)"
-                    )
-                if progress:
-                    progress(0, total)
-                while chunk := resp.read(CHUNK):
-                    out.write(chunk)
-                    h.update(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(done, total)
-                if length and length.isdigit() and done != int(length):
-                    raise WeightsError(
-                        f"download of {model_id!r} was cut short ({done} of {int(length)} bytes); try again"
-                    )
+            with _open_url(entry.url, timeout) as resp, open(tmp, "wb") as out:
+                done, digest = _stream(resp, out, entry, max_bytes, progress)
         except urllib.error.HTTPError as exc:
             raise WeightsError(
                 f"download of {model_id!r} failed: HTTP {exc.code} {exc.reason} from {entry.url}"
@@ -564,12 +740,12 @@ def download(
             ) from None
         except TimeoutError:
             raise WeightsError(
-                f"download of {model_id!r} stalled (no data for {timeout:g} s after {done} bytes); "
+                f"download of {model_id!r} stalled (no data for {timeout:g} s after {_size(tmp)} bytes); "
                 f"try again, or {offline}"
             ) from None
         except (http.client.HTTPException, ConnectionError) as exc:
             raise WeightsError(
-                f"download of {model_id!r} was interrupted after {done} bytes ({type(exc).__name__}); try again"
+                f"download of {model_id!r} was interrupted after {_size(tmp)} bytes ({type(exc).__name__}); try again"
             ) from None
         except OSError as exc:
             raise WeightsError(f"cannot write the download to {cdir} ({exc}); free space or set {ENV_CACHE}") from None
@@ -578,20 +754,7 @@ def download(
                 f"download of {model_id!r} has {done} bytes instead of {entry.size_bytes}; it was cut short or the "
                 "file changed; try again"
             )
-        digest = h.hexdigest()
-        if entry.sha256 and digest != entry.sha256:
-            raise WeightsError(
-                f"download of {model_id!r} is not the registered file (SHA-256 {digest[:12]}... instead of "
-                f"{entry.sha256[:12]}...); it was damaged in transit or changed on the server. Nothing was kept"
-            )
-        if not entry.sha256:  # nothing to compare with: the file must at least be the registered network
-            from .errors import CheckpointError
-
-            try:
-                info = inspect_checkpoint(tmp)
-            except CheckpointError as exc:
-                raise WeightsError(f"download of {model_id!r} is not a usable checkpoint: {exc}") from None
-            _check_identity(entry, info, f"the file downloaded from {entry.url}")
+        _check_download_identity(entry, tmp, digest)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

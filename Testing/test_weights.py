@@ -46,6 +46,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, body[: len(body) // 2], None)
         elif self.path == "/page.pth":
             self._send(200, b"<html>Please log in</html>", 26)
+        elif self.path == "/padded.pth":  # the file and 2 MiB more, no Content-Length
+            self._send(200, body + bytes(2 << 20), None)
+        elif self.path == "/other.pth":  # another valid checkpoint of the same layout
+            self._send(200, self.server.other_body, len(self.server.other_body))  # type: ignore[attr-defined]
+        elif self.path in ("/redirect-http.pth", "/redirect-https.pth"):  # to /tiny.pth on this server
+            scheme = self.path[len("/redirect-") : -len(".pth")]
+            host, port = self.server.server_address[:2]
+            self.send_response(302)
+            self.send_header("Location", f"{scheme}://{host}:{port}/tiny.pth")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.close_connection = True
         else:
             self._send(404, b"not found", 9)
 
@@ -67,6 +79,9 @@ def server(ours):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.daemon_threads = True
     httpd.body = ours.read_bytes()  # type: ignore[attr-defined]
+    other = ours.parent / "tiny_other.pth"
+    save_checkpoint(build_model("sam-med3d-tiny"), other, "tiny-test", "0.0.2")
+    httpd.other_body = other.read_bytes()  # type: ignore[attr-defined]
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -222,6 +237,112 @@ def test_download_without_known_sha_checks_the_layout_and_records_it(server, tmp
     with pytest.raises(WeightsError, match="has the mais-small layout"):
         weights.download("tiny", registry=reg, cache=tmp_path / "cache2")
     assert files_in(tmp_path / "cache2") == []
+
+
+def test_download_follows_redirects_only_to_https(server, tmp_path):
+    url, body = server
+    cache = tmp_path / "cache"
+    reg = write_registry(tmp_path / "r", [entry("tiny", url=f"{url}/redirect-http.pth", sha256=sha(body))])
+    with pytest.raises(WeightsError, match=r"redirects \(HTTP 302\) to http://.* not an https:// address"):
+        weights.download("tiny", registry=reg, cache=cache, timeout=10)
+    assert files_in(cache) == []
+    # an https target is followed (this plain-http test server then fails the TLS handshake)
+    reg = write_registry(tmp_path / "r", [entry("tiny", url=f"{url}/redirect-https.pth", sha256=sha(body))])
+    with pytest.raises(WeightsError, match="cannot reach") as err:
+        weights.download("tiny", registry=reg, cache=cache, timeout=10)
+    assert "not an https:// address" not in str(err.value) and files_in(cache) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "size", "max_bytes", "message"),
+    [
+        ("tiny.pth", None, 1000, "offers .* bytes, more than the limit of 1000 bytes"),  # Content-Length over the cap
+        ("padded.pth", None, "body", "larger than the limit of .* bytes"),  # no Content-Length: stopped mid-stream
+        ("padded.pth", "body", None, "larger than the registry's size"),  # the registry's size is the cap
+    ],
+)
+def test_download_size_is_capped(server, tmp_path, path, size, max_bytes, message):
+    url, body = server
+    reg = write_registry(tmp_path / "r", [entry("tiny", url=f"{url}/{path}", size_bytes=len(body) if size else None)])
+    cache = tmp_path / "cache"
+    cap = {"max_bytes": len(body) + 1000 if max_bytes == "body" else max_bytes} if max_bytes else {}
+    seen: list[int] = []
+    with pytest.raises(WeightsError, match=message):
+        weights.download("tiny", progress=lambda d, t: seen.append(d), registry=reg, cache=cache, timeout=10, **cap)
+    assert files_in(cache) == [] and max(seen, default=0) < len(body) + (2 << 20)  # stopped before the end
+
+
+def test_first_download_records_the_hash_and_later_ones_must_match(server, tmp_path, ours):
+    url, body = server
+    cache = tmp_path / "cache"
+    turbo = weights.get_model("sam-med3d-turbo", weights.DEFAULT_REGISTRY, cache)
+    assert turbo.verification_text == "unverified (first download records the hash)"
+    reg = write_registry(tmp_path / "r", [entry("tiny", url=f"{url}/tiny.pth")])
+    assert weights.get_model("tiny", reg, cache).verification_text == turbo.verification_text
+    path = weights.download("tiny", registry=reg, cache=cache)
+    e = weights.get_model("tiny", reg, cache)
+    assert e.local_sha256 == sha(body)
+    assert e.verification_text == "SHA-256 recorded at first download (trust on first use)"
+    write_registry(tmp_path / "r", [entry("tiny", url=f"{url}/other.pth")])  # the server now hands out another file
+    with pytest.raises(WeightsError, match="differs from the file first downloaded") as err:
+        weights.download("tiny", registry=reg, cache=cache, force=True)
+    assert "mais weights import FILE --id tiny --replace" in str(err.value)
+    assert path.read_bytes() == body and weights.get_model("tiny", reg, cache).local_sha256 == sha(body)
+    assert files_in(cache) == ["tiny.pth", "user_models.json"]
+    pinned = write_registry(tmp_path / "r2", [entry("tiny", url=f"{url}/tiny.pth", sha256=sha(body))])
+    assert weights.get_model("tiny", pinned, cache).verification_text == "verified (SHA-256 in the registry)"
+    mine = weights.import_weights(ours, id="mine", registry=reg, cache=cache)
+    assert mine.verification_text == "SHA-256 recorded at import"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("license", 5), ("version", {"major": 1}), ("preset", ["mais-small"]), ("description", []), ("trained_on", 1.5)],
+)
+def test_wrongly_typed_registry_fields_are_clean_errors(tmp_path, field, value):
+    reg = write_registry(tmp_path / "r", [entry("a", **{field: value})], default="a")
+    cache = tmp_path / "cache"
+    with pytest.raises(WeightsError, match=f"model 'a': '{field}' must be .* or null"):
+        weights.list_models(reg, cache)
+    with pytest.raises(WeightsError, match=f"'{field}' must be"):
+        weights.resolve("a", reg, cache)
+    write_registry(tmp_path / "r", [entry("a")], default=["a"])
+    with pytest.raises(WeightsError, match="'default' must be a model id"):
+        weights.list_models(reg, cache)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "field", "value"),
+    [("mine", "sha256", 12345), ("mine", "version", {"v": 1}), ("mine", "size_bytes", "big"), ("../evil", None, None)],
+)
+def test_wrongly_typed_user_registry_is_a_clean_error(ours, tmp_path, model_id, field, value):
+    reg = write_registry(tmp_path / "r", [])
+    cache = tmp_path / "cache"
+    weights.import_weights(ours, id="mine", registry=reg, cache=cache)
+    doc = json.loads((cache / "user_models.json").read_text())
+    record = doc["models"].pop("mine")
+    doc["models"][model_id] = {**record, **({field: value} if field else {})}
+    (cache / "user_models.json").write_text(json.dumps(doc))
+    with pytest.raises(WeightsError, match=r"user_models\.json is damaged"):
+        weights.list_models(reg, cache)
+    with pytest.raises(WeightsError, match="is damaged"):
+        weights.resolve(model_id, reg, cache)
+
+
+def test_cli_wrongly_typed_registries_give_one_line_errors(ours, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAIS_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MAIS_MODELS_JSON", str(write_registry(tmp_path / "r", [entry("a", license=5)])))
+    proc = mais("weights", "list")
+    assert proc.returncode == 2 and proc.stderr.startswith("mais: error:") and "'license' must be" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    reg = write_registry(tmp_path / "r", [])
+    weights.import_weights(ours, id="mine", registry=reg, cache=tmp_path / "cache")
+    doc = json.loads((tmp_path / "cache" / "user_models.json").read_text())
+    doc["models"]["mine"]["sha256"] = 12345
+    (tmp_path / "cache" / "user_models.json").write_text(json.dumps(doc))
+    proc = mais("weights", "path", "mine")  # resolves the id as --model does
+    assert proc.returncode == 2 and "user_models.json is damaged" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path):
