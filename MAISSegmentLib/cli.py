@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import MAISError, PromptError
-from .fileutil import atomic_write_text
+from .errors import ConfigError, ImageError, MAISError, PromptError
 from .model.config import PRESETS
 
 
@@ -93,30 +92,41 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     import time
 
     from .checkpoint import build_model
-    from .io import Segment, read_volume, write_labelmap, write_segmentation
+    from .devices import resolve_device
+    from .io import read_volume
     from .markups import read_markups_points
-    from .session import InteractiveSession, SessionOptions
+    from .session import MAX_CLICKS, InteractiveSession, SessionOptions
 
     out = Path(args.out)
-    if not out.name.endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd")):
+    if not out.name.endswith(_SEGMENT_OUTPUTS):
         raise PromptError(f"--out {out}: use a .seg.nrrd (segmentation) or .nii.gz/.nrrd (label map) file name")
+    SessionOptions(memory_size=args.memory_size)  # refuses a bank size before anything is read
+    resolve_device(args.device)
+    checkpoint = _model_checkpoint(args, "no model: mais segment")
+    inputs = [("--image", args.image), ("--include", args.include), ("--exclude", args.exclude)]
+    inputs += [("--checkpoint", checkpoint)]
+    # --state may be the --resume file (the session is saved back where it came from); --out may not.
+    _check_outputs([("--out", out), ("--state", args.state)], inputs)
+    _check_outputs([("--out", out)], [("--resume", args.resume)])
+    state = _read_state(args.resume) if args.resume else None
     clicks: list[tuple[np.ndarray, bool]] = []
     if args.include:
-        clicks += [(p, True) for p in read_markups_points(args.include)]
+        clicks += [(p, True) for p in read_markups_points(args.include, max_points=MAX_CLICKS)]
     if args.exclude:
-        clicks += [(p, False) for p in read_markups_points(args.exclude)]
+        clicks += [(p, False) for p in read_markups_points(args.exclude, max_points=MAX_CLICKS)]
     clicks += [_parse_point(t) for t in args.point]
     if not clicks and not args.resume:
         raise PromptError("no clicks: give --include/--exclude point lists or --point R,A,S,+")
-    checkpoint = _model_checkpoint(args, "no model: mais segment")
+    resumed = len(state["clicks"]) if isinstance(state.get("clicks") if state else None, list) else 0
+    if resumed + len(clicks) > MAX_CLICKS:
+        raise PromptError(
+            f"{resumed + len(clicks)} clicks given ({resumed} resumed, {len(clicks)} new); one object takes at most "
+            f"{MAX_CLICKS} (each click is replayed on every update): keep the points that matter"
+        )
     volume = read_volume(args.image)
     model = build_model(None, checkpoint=checkpoint, device=args.device, trusted=args.trust_checkpoint)
     print(f"model: {model.load_report.summary()}", file=sys.stderr)
-    if args.resume:
-        try:
-            state = json.loads(Path(args.resume).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PromptError(f"--resume {args.resume}: cannot read the session state ({exc})") from None
+    if state is not None:
         session = InteractiveSession.from_state(model, volume, state)
         print(f"resumed {len(session.clicks)} click(s) from {args.resume}", file=sys.stderr)
     else:
@@ -133,15 +143,83 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             f"(encoder {tm['encoder']:.3f}, network {tm['decoder']:.3f}, resample {tm['resample']:.3f}); "
             f"{int(session.mask.sum())} voxels"
         )
-    mask_volume = volume.with_array(session.mask.copy())
-    if out.name.endswith(".seg.nrrd"):
-        write_segmentation(out, volume, [Segment(args.label_name, session.mask, label_value=1)])
-    else:
-        write_labelmap(mask_volume, out)
-    if args.state:
-        atomic_write_text(Path(args.state), json.dumps(session.state(), indent=1))
+    _write_segment_outputs(out, args.state, volume, session, args.label_name)
     print(f"wrote {out}" + (f" and {args.state}" if args.state else ""))
     return 0
+
+
+# --out endings of `mais segment`: a Slicer segmentation, else a label map
+_SEGMENT_OUTPUTS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")
+
+
+def _read_state(path: str) -> dict:
+    """The JSON object of a ``--resume`` file (validated in full by ``InteractiveSession.from_state``)."""
+    try:
+        state = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PromptError(f"--resume {path}: cannot read the session state ({exc})") from None
+    if not isinstance(state, dict):
+        raise PromptError(f"--resume {path}: not a session state saved with --state (a JSON object is needed)")
+    return state
+
+
+def _write_segment_outputs(out: Path, state_path: str | None, volume, session, label_name: str) -> None:
+    """Write the mask (``--out``) and the session state (``--state``) together: both complete, or neither.
+
+    Both go to temporary files first; only when both are written are they renamed into place (the state first: it
+    holds the clicks, the user's work).
+    """
+    from .fileutil import atomic_write_many
+    from .io import Segment, write_labelmap, write_segmentation
+
+    suffix = next(e for e in _SEGMENT_OUTPUTS if out.name.endswith(e))
+
+    def write_mask(tmp: Path) -> None:
+        if suffix == ".seg.nrrd":
+            write_segmentation(tmp, volume, [Segment(label_name, session.mask, label_value=1)])
+        else:
+            write_labelmap(volume.with_array(session.mask.copy()), tmp)
+
+    writes = []
+    if state_path:
+        text = json.dumps(session.state(), indent=1)
+        writes.append((state_path, lambda tmp: tmp.write_text(text, encoding="utf-8"), ""))
+    writes.append((out, write_mask, suffix))
+    try:
+        atomic_write_many(writes)
+    except OSError as exc:
+        where = f"{out} and {state_path}" if state_path else str(out)
+        raise ImageError(f"cannot write {where}: {exc.strerror or exc}; nothing was written") from None
+
+
+def _check_outputs(outputs: Sequence[tuple[str, object]], inputs: Sequence[tuple[str, object]] = ()) -> None:
+    """Refuse, before any work, output paths that would overwrite an input or each other, or cannot be written.
+
+    Args:
+        outputs: ``(option, path)`` of the files a command writes (``None`` paths are skipped).
+        inputs: ``(option, path)`` of the files it reads (``None`` skipped); compared as files on disk (symbolic
+            and hard links count as the same file).
+
+    Raises:
+        ConfigError: naming both options and what to do.
+    """
+    from .fileutil import same_file, writable_problem
+
+    outs = [(name, Path(str(p))) for name, p in outputs if p is not None and str(p) != ""]
+    ins = [(name, Path(str(p))) for name, p in inputs if p is not None and str(p) != ""]
+    for n, (name, path) in enumerate(outs):
+        for in_name, in_path in ins:
+            if same_file(path, in_path):
+                raise ConfigError(
+                    f"{name} {path} is the input {in_name}: writing it would destroy that file; "
+                    "choose another output file name"
+                )
+        for other, other_path in outs[:n]:
+            if same_file(path, other_path):
+                raise ConfigError(f"{other} and {name} are the same file {path}: give them different names")
+        problem = writable_problem(path)
+        if problem:
+            raise ConfigError(f"{name} {path}: {problem}")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -164,40 +242,63 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-
     from .checkpoint import build_model
     from .data import list_targets, load_cases
+    from .devices import resolve_device
     from .evaluate import GrowCutMethod, ModelMethod, evaluate, parse_clicks, plot_results, result_document
+    from .fileutil import atomic_write_many
+    from .session import MAX_CLICKS, SessionOptions
 
     clicks = parse_clicks(args.clicks)
+    if clicks[-1] > MAX_CLICKS:
+        raise ConfigError(f"--clicks {args.clicks}: at most {MAX_CLICKS} clicks per target (the session's limit)")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names or len(set(names)) != len(names):
         raise PromptError(f"--methods {args.methods!r}: give distinct methods, e.g. mais,no-memory,growcut")
-    base = None
+    unknown = [n for n in names if n not in _EVAL_METHODS and not n.startswith("ckpt:")]
+    if unknown:
+        raise PromptError(f"unknown method {unknown[0]!r}; use mais, no-memory, mais-grow-all, growcut or ckpt:FILE")
+    if args.max_targets is not None and args.max_targets < 1:
+        raise ConfigError(f"--max-targets must be at least 1, got {args.max_targets}")
+    SessionOptions(memory_size=args.memory_size)
+    resolve_device(args.device)
+    checkpoints = {n: n[5:] for n in names if n.startswith("ckpt:")}
+    model_names = [n for n in names if n in _MODEL_METHODS]
+    if model_names:
+        checkpoints["base"] = _model_checkpoint(args, f"method {model_names[0]!r}")
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        raise ConfigError(f"--out {out}: give the result a .json name; the plot is written beside it as .png")
+    plot = out.with_suffix(".png")
+    outputs = [("--out", out), ("the plot (--out with .png)", plot)]
+    _check_outputs(
+        outputs, [("--manifest", args.manifest), *[(f"the checkpoint of {n}", c) for n, c in checkpoints.items()]]
+    )
+    cases = load_cases(args.manifest, split=args.split)
+    _check_outputs(outputs, _case_files(cases))
+    targets, skipped = list_targets(cases)
+    if not targets:
+        raise ConfigError(_no_targets_message(args.manifest, args.split, skipped))
+    if args.max_targets and len(targets) > args.max_targets:
+        stride = len(targets) / args.max_targets
+        targets = [targets[int(i * stride)] for i in range(args.max_targets)]
+    models = {
+        key: build_model(None, checkpoint=path, device=args.device, trusted=args.trust_checkpoint)
+        for key, path in checkpoints.items()
+    }
     methods: dict[str, object] = {}
     for name in names:
-        if name in ("mais", "no-memory", "mais-grow-all"):
-            if base is None:
-                checkpoint = _model_checkpoint(args, f"method {name!r}")
-                base = build_model(None, checkpoint=checkpoint, device=args.device, trusted=args.trust_checkpoint)
+        if name in _MODEL_METHODS:
             methods[name] = ModelMethod(
-                base,
+                models["base"],
                 use_memory=name != "no-memory",
                 memory_size=args.memory_size,
                 grow_connected=name != "mais-grow-all",
             )
         elif name == "growcut":
             methods[name] = GrowCutMethod()
-        elif name.startswith("ckpt:"):
-            model = build_model(None, checkpoint=name[5:], device=args.device, trusted=args.trust_checkpoint)
-            methods[name] = ModelMethod(model, use_memory=True, memory_size=args.memory_size)
         else:
-            raise PromptError(f"unknown method {name!r}; use mais, no-memory, mais-grow-all, growcut or ckpt:FILE")
-    cases = load_cases(args.manifest, split=args.split)
-    targets, skipped = list_targets(cases)
-    if args.max_targets and len(targets) > args.max_targets:
-        stride = len(targets) / args.max_targets
-        targets = [targets[int(i * stride)] for i in range(args.max_targets)]
+            methods[name] = ModelMethod(models[name], use_memory=True, memory_size=args.memory_size)
     methods_out = evaluate(targets, methods, clicks, args.strategy, args.seed)
     command = "mais " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("mais", "__main__.py")) else " ".join(sys.argv)
     doc = result_document(
@@ -212,9 +313,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         methods_out,
         args.strategy,
     )
-    out = Path(args.out)
-    atomic_write_text(out, json.dumps(doc, indent=1))
-    plot_results(doc, out.with_suffix(".png"))
+    text = json.dumps(doc, indent=1)
+    try:  # the result and its plot together: both complete, or neither
+        atomic_write_many(
+            [
+                (out, lambda tmp: tmp.write_text(text, encoding="utf-8"), ""),
+                (plot, lambda tmp: plot_results(doc, tmp), ".png"),
+            ]
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out} and {plot}: {exc.strerror or exc}") from None
     width = max(len(n) for n in methods_out)
     print(f"{'method':<{width}}  " + "  ".join(f"Dice@{k:<3}" for k in clicks) + "  s/click")
     for name, res in methods_out.items():
@@ -223,8 +331,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             + "  ".join(f"{res['dice_mean'][str(k)]:.3f}  " for k in clicks)
             + f"  {res['seconds_per_click_median']:.3f}"
         )
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"wrote {out} and {plot}")
     return 0
+
+
+_MODEL_METHODS = ("mais", "no-memory", "mais-grow-all")  # evaluation methods on the --checkpoint/--model weights
+_EVAL_METHODS = (*_MODEL_METHODS, "growcut")  # besides ckpt:FILE
+
+
+def _case_files(cases: Sequence) -> list[tuple[str, Path]]:
+    """``(what, path)`` of every image and label map of ``cases``: inputs no output may overwrite."""
+    files = []
+    for case in cases:
+        files += [(f"the image of case {case.id!r}", case.image), (f"the label map of case {case.id!r}", case.label)]
+    return files
+
+
+def _no_targets_message(manifest: str, split: str | None, skipped: Sequence[dict]) -> str:
+    """Why there is nothing to evaluate or train on, with the first skipped structure's reason."""
+    where = f"{manifest}" + (f" (split {split!r})" if split else "")
+    reason = f"; {len(skipped)} skipped, e.g. {skipped[0]['case']}: {skipped[0]['name']} ({skipped[0]['reason']})"
+    return (
+        f"no targets in {where}: no label map holds a structure of at least 10 mm^3"
+        + (reason if skipped else " (the label maps are empty)")
+        + "; check the label maps, --split and --structures"
+    )
 
 
 def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
@@ -280,6 +411,11 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an --out that holds a run (its files are moved into a previous-<date> sub-folder)",
+    )
     p.add_argument("--cache-dir", default=None, help="preprocessing cache (default $MAIS_CACHE_DIR or ~/.cache)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0)
@@ -289,27 +425,19 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from .data import PreprocessCache, list_targets, load_cases
     from .devices import resolve_device
-    from .train import TargetSampler, TrainConfig, train
+    from .train import RUN_FILES, TargetSampler, TrainConfig, check_run_folder, train
 
-    init_checkpoint = _model_checkpoint(args, "mais finetune") if args.mode == "finetune" else args.checkpoint
-    cases = load_cases(args.manifest, split=args.split)
-    if args.split is None and any(c.split for c in cases):
-        cases = [c for c in cases if c.split == "train"]
-    targets, _ = list_targets(cases)
-    if args.structures:
-        keys = [k.strip().lower() for k in args.structures.split(",") if k.strip()]
-        targets = [t for t in targets if any(k in t.name.lower() for k in keys)]
-    if args.cases:
-        keep = list(dict.fromkeys(t.case.id for t in targets))[: args.cases]
-        targets = [t for t in targets if t.case.id in keep]
-    n_cases = len({t.case.id for t in targets})
-    print(f"{len(targets)} targets in {n_cases} cases", file=sys.stderr)
-    cfg = TrainConfig(
+    if args.cases is not None and args.cases < 1:
+        raise ConfigError(f"--cases must be at least 1, got {args.cases}")
+    if args.time_limit is not None and not args.time_limit >= 0:
+        raise ConfigError(f"--time-limit must be zero or a positive number of minutes, got {args.time_limit}")
+    cfg = TrainConfig(  # every setting is checked here, before any data is read or anything written
         mode="finetune" if args.mode == "finetune" else "train",
         preset=None if args.mode == "finetune" else args.preset,
-        init_checkpoint=init_checkpoint,
         steps=args.steps,
         batch_size=args.batch_size,
         episode_clicks=args.episode_clicks,
@@ -327,6 +455,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         model_id=args.model_id,
         version=args.version,
+    )
+    device = resolve_device(args.device)
+    check_run_folder(args.out, args.resume, args.overwrite)
+    init_checkpoint = _model_checkpoint(args, "mais finetune") if args.mode == "finetune" else args.checkpoint
+    run_files = [(f"--out {name}", Path(args.out) / name) for name in RUN_FILES]
+    _check_outputs(run_files, [("--manifest", args.manifest), ("--checkpoint", init_checkpoint)])
+    cases = load_cases(args.manifest, split=args.split)
+    _check_outputs(run_files, _case_files(cases))
+    if args.split is None and any(c.split for c in cases):
+        cases = [c for c in cases if c.split == "train"]
+    targets, skipped = list_targets(cases)
+    if args.structures:
+        keys = [k.strip().lower() for k in args.structures.split(",") if k.strip()]
+        targets = [t for t in targets if any(k in t.name.lower() for k in keys)]
+    if args.cases:
+        keep = list(dict.fromkeys(t.case.id for t in targets))[: args.cases]
+        targets = [t for t in targets if t.case.id in keep]
+    if not targets:
+        raise ConfigError(_no_targets_message(args.manifest, args.split, skipped))
+    n_cases = len({t.case.id for t in targets})
+    print(f"{len(targets)} targets in {n_cases} cases", file=sys.stderr)
+    cfg = dataclasses.replace(
+        cfg,
+        init_checkpoint=init_checkpoint,
         extra={
             "manifest": str(args.manifest),
             "split": args.split,
@@ -340,8 +492,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg,
         sampler,
         args.out,
-        device=resolve_device(args.device),
+        device=device,
         resume=args.resume,
+        overwrite=args.overwrite,
         log=lambda s: print(s, file=sys.stderr),
         time_limit_s=None if args.time_limit is None else 60 * args.time_limit,
     )
@@ -375,19 +528,32 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output folder (fewshot.json, fewshot.png, one run folder per k)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run again in an --out that holds results (the old files are moved into previous-<date> sub-folders)",
+    )
     p.set_defaults(func=_cmd_fewshot)
 
 
 def _cmd_fewshot(args: argparse.Namespace) -> int:
+    from .devices import resolve_device
     from .evaluate import parse_clicks
     from .fewshot import run_fewshot
+    from .train import RUN_FILES
 
     try:
         ks = sorted({int(x) for x in args.cases.split(",")})
     except ValueError:
         raise PromptError(f"--cases {args.cases!r}: give numbers of cases like 1,3") from None
+    resolve_device(args.device)
+    checkpoint = _model_checkpoint(args, "mais fewshot")
+    out = Path(args.out)
+    outputs = [(f"--out {name}", out / name) for name in ("fewshot.json", "fewshot.png")]
+    outputs += [(f"--out k{k}/{name}", out / f"k{k}" / name) for k in ks for name in RUN_FILES]
+    _check_outputs(outputs, [("--manifest", args.manifest), ("--checkpoint", checkpoint)])
     run_fewshot(
-        _model_checkpoint(args, "mais fewshot"),
+        checkpoint,
         args.manifest,
         [x.strip() for x in args.structures.split(",") if x.strip()],
         ks,
@@ -402,6 +568,7 @@ def _cmd_fewshot(args: argparse.Namespace) -> int:
         lr_prompt_decoder=args.lr_prompt_decoder,
         lr_memory=args.lr_memory,
         lr_encoder=args.lr_encoder,
+        overwrite=args.overwrite,
         log=lambda s: print(s, file=sys.stderr),
     )
     return 0

@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import ConfigError, MAISError
 from .fileutil import atomic_write
-from .io import read_volume
+from .io import read_volume, resample_label_map
 from .roi import resample_to_ras_grid
 from .volume import Volume
 
@@ -43,9 +43,12 @@ __all__ = [
     "PreprocessCache",
     "Preprocessed",
     "Target",
+    "check_label_inside_image",
+    "label_on_image_grid",
     "list_targets",
     "load_cases",
     "preprocess_case",
+    "same_grid",
 ]
 
 # Bump when the preprocessing changes what it stores (grid rule, dtypes, fill value): every old entry then gets
@@ -441,6 +444,7 @@ def preprocess_case(case: Case, spacing: float = 1.5, margin_mm: float = 96.0) -
     labels = _label_array(case.label, label_volume)
     if labels.size and labels.max() > 255:
         raise DataError(f"{case.label}: label values above 255 are not supported (found {int(labels.max())})")
+    check_label_inside_image(case, image, label_volume, labels)
     lo_img, hi_img = _ras_bounds(image, np.zeros(3), np.asarray(image.shape_ijk) - 1.0)
     fg = labels > 0
     if fg.any():
@@ -449,11 +453,7 @@ def preprocess_case(case: Case, spacing: float = 1.5, margin_mm: float = 96.0) -
         lo, hi = np.maximum(lo_fg - margin_mm, lo_img), np.minimum(hi_fg + margin_mm, hi_img)
     else:
         lo, hi = lo_img, hi_img
-    if np.any(hi < lo - 1e-6):
-        raise DataError(
-            f"case {case.id!r}: the labelled voxels of {case.label} lie outside the image {case.image}; "
-            "the label map does not belong to this image"
-        )
+    hi = np.maximum(hi, lo)  # labelled voxels up to one voxel outside the image (allowed above) leave an empty box
     extent = np.maximum(hi - lo, 0.0)
     shape = tuple(int(n) for n in np.floor(extent / spacing + 1e-6).astype(int) + 1)
     origin = lo + (extent - (np.asarray(shape) - 1) * spacing) / 2  # centre the grid in [lo, hi]
@@ -461,6 +461,76 @@ def preprocess_case(case: Case, spacing: float = 1.5, margin_mm: float = 96.0) -
     out_image = _resample(image, origin, shape, spacing, "bilinear", image.array, fill=fill).astype(np.float32)
     out_label = _resample(label_volume, origin, shape, spacing, "nearest", labels, fill=0.0)
     return Preprocessed(out_image, np.rint(out_label).astype(np.uint8), origin, float(spacing), case.id)
+
+
+def label_on_image_grid(case: Case, image: Volume, label_volume: Volume) -> np.ndarray:
+    """The case's label values on its image's grid: what a label map means for clicks and Dice on that image.
+
+    The one geometry rule of every command (``mais train``, ``mais evaluate``, few-shot, learning in Slicer): a label
+    map is placed through its own geometry (origin, spacing, direction), and every labelled voxel must lie inside the
+    image (:func:`check_label_inside_image`). A label map on the image's grid is used as it is; one on another grid
+    is resampled onto it (nearest neighbour).
+
+    Args:
+        case: the case (named in error messages).
+        image: its image, as read from ``case.image``.
+        label_volume: its label map, as read from ``case.label``.
+
+    Returns:
+        ``(K, J, I)`` non-negative integer array shaped like ``image.array``.
+
+    Raises:
+        DataError: negative or non-integer label values, or labelled voxels outside the image.
+    """
+    labels = _label_array(case.label, label_volume)
+    check_label_inside_image(case, image, label_volume, labels)
+    if same_grid(image, label_volume):
+        return labels
+    return resample_label_map(label_volume.with_array(labels), image)
+
+
+def same_grid(a: Volume, b: Volume, atol_mm: float = 1e-3) -> bool:
+    """Whether two volumes share one voxel grid: the same shape and IJK->RAS matrices within ``atol_mm``."""
+    return a.array.shape == b.array.shape and bool(np.allclose(a.ijk_to_ras, b.ijk_to_ras, atol=atol_mm, rtol=0))
+
+
+def check_label_inside_image(case: Case, image: Volume, label_volume: Volume, labels: np.ndarray) -> None:
+    """Refuse a label map whose labelled voxels lie outside its image (one voxel of tolerance).
+
+    Such a label map belongs to another image, or its geometry (origin, spacing, direction) is wrong: scoring or
+    training on it as if it were aligned would give meaningless numbers. Label maps on the image's grid pass at once;
+    on another grid every labelled voxel centre is mapped into the image's voxel coordinates (in slabs, so memory
+    stays bounded) and must fall within the image's voxels grown by one voxel on each side.
+
+    Args:
+        labels: ``label_volume``'s voxels as non-negative integers (:func:`_label_array`).
+
+    Raises:
+        DataError: naming the case, the files, how many labelled voxels are outside and how far.
+    """
+    if same_grid(image, label_volume):
+        return
+    to_image = image.ras_to_ijk @ label_volume.ijk_to_ras  # label IJK -> image IJK
+    upper = np.asarray(image.shape_ijk, dtype=np.float64)  # voxel centres 0..n-1, +-1 voxel of tolerance -> -1..n
+    outside, total, farthest = 0, 0, 0.0
+    spacing = float(np.max(image.spacing))
+    step = max(1, _MAX_CHUNK_VOXELS // max(1, labels.shape[1] * labels.shape[2]))
+    for k0 in range(0, labels.shape[0], step):
+        k, j, i = np.nonzero(labels[k0 : k0 + step])
+        if k.size == 0:
+            continue
+        ijk = np.stack([i, j, k + k0], axis=1).astype(np.float64) @ to_image[:3, :3].T + to_image[:3, 3]
+        excess = np.maximum(np.maximum(-1.0 - ijk, ijk - upper), 0.0).max(axis=1)  # in image voxels
+        total += k.size
+        outside += int(np.count_nonzero(excess > 1e-6))
+        farthest = max(farthest, float(excess.max()) * spacing)
+    if outside:
+        raise DataError(
+            f"case {case.id!r}: {outside:,} of the {total:,} labelled voxels of {case.label} lie outside the image "
+            f"{case.image} (up to about {farthest:.0f} mm beyond its edge); the label map does not belong to this "
+            "image, or its geometry (origin, spacing, direction) is wrong: save it again from a segmentation of "
+            "this image"
+        )
 
 
 def _check_grid_options(spacing: float, margin_mm: float) -> None:

@@ -131,22 +131,30 @@ def evaluate(
         targets: :class:`MAISSegmentLib.data.Target` s (case + label value + name).
         methods: name -> method object (:class:`ModelMethod`, :class:`GrowCutMethod`).
         clicks: click counts at which Dice is recorded; the run goes to the largest.
+
+    Raises:
+        ConfigError: no targets. DataError: a label map whose labelled voxels lie outside its image (label maps on
+            another grid than their image are resampled onto it: :func:`MAISSegmentLib.data.label_on_image_grid`).
     """
+    from .data import label_on_image_grid
     from .io import read_volume
 
+    if not targets:
+        raise ConfigError("no targets to evaluate: the cases hold no labelled structure of at least 10 mm^3")
     read = read or read_volume
     n_clicks = max(clicks)
     out = {name: {"model": m.describe(), "targets": [], "_times": []} for name, m in methods.items()}
     t_start = time.perf_counter()
-    cache: dict[Path, Volume] = {}
+    cache: dict[tuple[Path, Path], tuple[Volume, np.ndarray]] = {}
     for n, target in enumerate(targets):
         case = target.case
-        if case.image not in cache:
+        key = (case.image, case.label)
+        if key not in cache:
             cache.clear()  # one case at a time in memory
-            cache[case.image] = read(case.image)
-            cache[case.label] = read(case.label)
-        volume, label = cache[case.image], cache[case.label]
-        gt = label.array == target.label
+            image = read(case.image)
+            cache[key] = (image, label_on_image_grid(case, image, read(case.label)))
+        volume, labels = cache[key]
+        gt = labels == target.label
         for name, method in methods.items():
             robot = RobotUser(strategy, seed=target_seed(seed, case.id, target.label), spacing=volume.spacing)
             method.start(volume)

@@ -16,8 +16,8 @@ from .checkpoint import build_model
 from .data import PreprocessCache, list_targets, load_cases
 from .errors import ConfigError
 from .evaluate import ModelMethod, evaluate, plot_results, result_document
-from .fileutil import atomic_write_text
-from .train import TargetSampler, TrainConfig, resolve_lr_memory, train
+from .fileutil import atomic_write_text, move_aside, writable_problem
+from .train import TargetSampler, TrainConfig, existing_run_files, resolve_lr_memory, train
 
 # TrainConfig fields recorded in fewshot.json ("fewshot" part)
 FEWSHOT_RECIPE_FIELDS = (
@@ -29,6 +29,24 @@ FEWSHOT_RECIPE_FIELDS = (
     "episode_clicks",
     "batch_size",
 )
+
+
+RESULT_FILES = ("fewshot.json", "fewshot.png")  # what the experiment writes into its folder, besides k<N>/ runs
+
+
+def _check_out_dir(out: Path, n_cases: Sequence[int], overwrite: bool) -> None:
+    """Refuse an output folder that cannot be written, or holds earlier results (unless ``overwrite``)."""
+    problem = writable_problem(out, folder=True)
+    if problem:
+        raise ConfigError(f"--out {out}: {problem}")
+    found = [name for name in RESULT_FILES if (out / name).exists()]
+    found += [f"k{k}/{name}" for k in n_cases for name in existing_run_files(out / f"k{k}")]
+    if found and not overwrite:
+        raise ConfigError(
+            f"{out} already holds few-shot results ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}); "
+            "run again with --overwrite (the old files are moved into previous-<date> sub-folders) or choose "
+            "another --out"
+        )
 
 
 def family_targets(targets: list, structures: Sequence[str]) -> list:
@@ -53,14 +71,34 @@ def run_fewshot(
     seed: int = 0,
     log: Callable[[str], None] = print,
     lr_encoder: float | None = None,
+    overwrite: bool = False,
     **train_options: Any,
 ) -> dict[str, Any]:
     """Run the experiment; returns and writes ``out_dir/fewshot.json`` (+ ``fewshot.png``).
 
     ``lr_encoder``: None (default) is the MAIS recipe, the image encoder frozen (``mode="finetune"``); a rate trains
     the encoder too (``mode="train"`` from the base checkpoint), for a base whose encoder was not pretrained at scale.
-    ``train_options`` go to :class:`TrainConfig` (``lr_prompt_decoder``, ``lr_memory``, ``loss_size``...)."""
+    ``overwrite``: run again in an ``out_dir`` that holds results (the old files are moved into ``previous-<date>``
+    sub-folders); without it such a folder is refused before any work.
+    ``train_options`` go to :class:`TrainConfig` (``lr_prompt_decoder``, ``lr_memory``, ``loss_size``...).
+
+    Raises:
+        ConfigError: an invalid training setting, ``out_dir`` holding results (without ``overwrite``) or not
+            writable, no targets of the family, fewer training cases than a ``k``.
+    """
     out = Path(out_dir)
+    _check_out_dir(out, n_cases, overwrite)
+    if not n_cases or min(n_cases) < 1:
+        raise ConfigError(f"numbers of training cases must be >= 1, got {list(n_cases)}")
+    TrainConfig(  # every setting checked before any case is read
+        mode="finetune" if lr_encoder is None else "train",
+        **({} if lr_encoder is None else {"lr_encoder": lr_encoder}),
+        preset=None,
+        steps=steps,
+        episode_clicks=episode_clicks,
+        seed=seed,
+        **train_options,
+    )
     train_t = family_targets(list_targets(load_cases(manifest, split=train_split))[0], structures)
     eval_t = family_targets(list_targets(load_cases(manifest, split=eval_split))[0], structures)
     if not train_t or not eval_t:
@@ -96,6 +134,7 @@ def run_fewshot(
             device=device,
             log=log,
             progress=False,
+            overwrite=overwrite,
         )
         methods[f"finetuned-{k}"] = ModelMethod(model, True)
         runs[k] = sorted(keep)
@@ -122,6 +161,8 @@ def run_fewshot(
         "steps": steps,
         **recipe,
     }
+    if overwrite:
+        move_aside(out, RESULT_FILES)
     atomic_write_text(out / "fewshot.json", json.dumps(doc, indent=1))
     plot_results(doc, out / "fewshot.png")
     for name, res in results.items():

@@ -44,6 +44,7 @@ __all__ = [
     "Segment",
     "read_segmentation",
     "read_volume",
+    "resample_label_map",
     "volume_from_sitk",
     "volume_to_sitk",
     "write_labelmap",
@@ -204,6 +205,24 @@ def volume_from_sitk(image: sitk.Image, source: PathLike | None = None) -> Volum
     return Volume(array, _ijk_to_ras_from_sitk(image))
 
 
+def resample_label_map(label: Volume, reference: Volume) -> np.ndarray:
+    """``label``'s voxels on ``reference``'s grid, nearest neighbour through both geometries (RAS mm).
+
+    Args:
+        label: an integer (or bool) label map on any grid.
+        reference: the grid to resample onto (its voxels are not used).
+
+    Returns:
+        ``(K, J, I)`` array shaped like ``reference.array`` with ``label``'s dtype; 0 where ``reference`` lies
+        outside ``label``'s grid.
+    """
+    grid = sitk.Image([int(n) for n in reference.shape_ijk], sitk.sitkUInt8)
+    _set_lps_geometry(grid, reference.ijk_to_ras)
+    moving = volume_to_sitk(label)
+    out = sitk.Resample(moving, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, moving.GetPixelID())
+    return sitk.GetArrayFromImage(out).astype(label.array.dtype, copy=False)
+
+
 def _ijk_to_ras_from_sitk(image: sitk.Image) -> np.ndarray:
     dim = image.GetDimension()
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
@@ -289,8 +308,7 @@ def _read_image_file(path: Path) -> sitk.Image:
             reader.ReadImageInformation()
     except RuntimeError as exc:
         raise ImageError(
-            f"cannot read {path}: not a readable {kind}image, or damaged/truncated ({_itk_reason(exc)}); "
-            "check the file opens in 3D Slicer, or copy it again"
+            f"cannot read {path}: not a readable {kind}image ({_itk_reason(exc)}); {_unreadable_hint(path, image_io)}"
         ) from None
     size = reader.GetSize()
     dimension = reader.GetDimension()
@@ -302,9 +320,11 @@ def _read_image_file(path: Path) -> sitk.Image:
             sitk.GetPixelIDValueAsString(reader.GetPixelID()),
             str(path),
         )
-    if image_io == "NiftiImageIO":
-        # ITK fills a NIfTI file that ends early with zeros without a word; catch it before the user segments it.
-        _check_nifti_complete(path)
+    header = _read_nifti_header(path) if image_io == "NiftiImageIO" else None
+    if header is not None:
+        # ITK silently turns a zero spacing into 1 mm and fills a file that ends early with zeros: catch both here.
+        _check_nifti_spacing(path, header)
+        _check_nifti_complete(path, header)
     n_bytes = int(np.prod(size)) * reader.GetNumberOfComponents() * _bytes_per_pixel(reader.GetPixelID())
     try:  # ITK's buffer and the NumPy copy exist together for a moment
         check_fits_in_memory(
@@ -316,11 +336,48 @@ def _read_image_file(path: Path) -> sitk.Image:
         raise ImageError(str(exc)) from None
     try:
         with _quiet_itk():
-            return reader.Execute()
+            image = reader.Execute()
     except RuntimeError as exc:
         raise ImageError(
             f"cannot read the voxels of {path}: the file is damaged or truncated ({_itk_reason(exc)}); copy it again"
         ) from None
+    if header is not None:
+        _check_nifti_finite(path, header, image)
+    return image
+
+
+# Leading bytes of image formats (offset, signature, format name, extension to use), to say what a file really is.
+_SIGNATURES = (
+    (344, b"n+1\0", "NIfTI", ".nii"),
+    (4, b"n+2\0", "NIfTI", ".nii"),
+    (0, b"NRRD000", "NRRD", ".nrrd"),
+    (128, b"DICM", "DICOM", "(a DICOM series folder)"),
+    (0, b"\x1f\x8b", "gzip-compressed", ".nii.gz (if it is a NIfTI image)"),
+)
+
+
+def _unreadable_hint(path: Path, image_io: str | None) -> str:
+    """What to do about a file ITK cannot read as ``image_io``: guessed from its size and first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(352)
+    except OSError as exc:
+        return f"the file cannot be opened ({exc.strerror or exc})"
+    if not head:
+        return "the file is empty (0 bytes): copy it again from its source"
+    wanted = _FORMAT_NAMES.get(image_io or "", "")
+    for offset, signature, name, extension in _SIGNATURES:
+        if head[offset : offset + len(signature)] == signature and name != wanted:
+            if name == "gzip-compressed" and path.name.lower().endswith(".gz"):
+                break  # a .gz that is not a NIfTI inside: handled below
+            return f"its content is a {name} file, not {wanted or 'an image ITK knows'}: rename it to {extension}"
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    if printable >= 0.95 * len(head):
+        return "it holds text, not an image: give the image file itself"
+    return (
+        "if it opens in 3D Slicer, save it from there as .nii.gz or .nrrd; otherwise the file is damaged "
+        "(an interrupted copy or download?): copy it again from its source"
+    )
 
 
 def _bytes_per_pixel(pixel_id: int) -> int:
@@ -363,18 +420,99 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         ) from None
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Raise if a NIfTI file holds fewer voxel bytes than its header promises (truncated copy or download)."""
+@dataclass(frozen=True)
+class _NiftiHeader:
+    """The fields of a single-file NIfTI-1/2 header that ITK does not let us check (read by :func:`_read_nifti_header`).
+
+    Args:
+        compressed: the file is gzip-compressed (``.nii.gz``).
+        endian: ``"<"`` or ``">"``, the byte order of the header and of the voxels.
+        dims: ``dim[1..ndim]``, the grid size (voxels along i, j, k, ...).
+        datatype: the NIfTI datatype code (16: float32, 64: float64, ...).
+        bitpix: bits per voxel.
+        pixdim: ``pixdim[1..ndim]``, the voxel size along each axis (mm along i, j, k).
+        vox_offset: byte offset of the first voxel in the (uncompressed) file.
+    """
+
+    compressed: bool
+    endian: str
+    dims: tuple[int, ...]
+    datatype: int
+    bitpix: int
+    pixdim: tuple[float, ...]
+    vox_offset: int
+
+    @property
+    def n_voxels(self) -> int:
+        return int(np.prod([max(int(d), 1) for d in self.dims], dtype=np.int64))
+
+    @property
+    def expected_size(self) -> int:
+        """Header + voxel bytes the (uncompressed) file must hold."""
+        return self.vox_offset + self.n_voxels * self.bitpix // 8
+
+
+# NIfTI datatype codes of real floating-point voxels, which can hold NaN/Inf -> NumPy dtype character
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _read_nifti_header(path: Path) -> _NiftiHeader | None:
+    """The header of a single-file NIfTI-1/2, or None when ``path`` holds something else (e.g. a .hdr/.img pair)."""
     compressed = path.name.lower().endswith(".gz")
     try:
         with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
             head = f.read(540)
     except (OSError, EOFError, zlib.error) as exc:
         raise ImageError(f"{path} is damaged or truncated ({exc}); copy it again") from None
-    expected = _nifti_expected_size(head)
-    if expected is None:
-        return  # not a header we can interpret; ITK accepted it, so leave it to ITK
-    if not compressed:
+    if len(head) < 348:
+        return None
+    for endian in "<>":
+        (sizeof_hdr,) = struct.unpack(endian + "i", head[:4])
+        if sizeof_hdr == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(endian + "2h", head[70:74])
+            pixdim = struct.unpack(endian + "8f", head[76:108])
+            (vox_offset,) = struct.unpack(endian + "f", head[108:112])
+            break
+        if sizeof_hdr == 540 and len(head) >= 540:
+            datatype, bitpix = struct.unpack(endian + "2h", head[12:16])
+            dims = struct.unpack(endian + "8q", head[16:80])
+            pixdim = struct.unpack(endian + "8d", head[104:168])
+            (vox_offset,) = struct.unpack(endian + "q", head[168:176])
+            break
+    else:
+        return None
+    ndim = int(dims[0])
+    if not 1 <= ndim <= 7 or bitpix <= 0 or not vox_offset >= 348:
+        return None  # a header/image pair (.hdr/.img) or a malformed header: nothing to check here
+    return _NiftiHeader(
+        compressed,
+        endian,
+        tuple(int(d) for d in dims[1 : ndim + 1]),
+        int(datatype),
+        int(bitpix),
+        tuple(float(p) for p in pixdim[1 : ndim + 1]),
+        int(vox_offset),
+    )
+
+
+def _check_nifti_spacing(path: Path, header: _NiftiHeader) -> None:
+    """Refuse a voxel size (``pixdim[1..3]``) that is zero, negative or not a number: ITK reads it as 1 mm."""
+    spacing = header.pixdim[:3]
+    if all(np.isfinite(s) and s > 0 for s in spacing):
+        return
+    text = ", ".join(f"{s:g}" for s in spacing)
+    raise ImageError(
+        f"{path}: the NIfTI header gives a voxel size of ({text}) mm (pixdim); each must be a positive number of mm "
+        "(ITK would silently read 1 mm and every distance would be wrong). The tool that wrote the file left the "
+        "voxel size out: write it again with the right voxel size, or set it (e.g. nibabel header.set_zooms)"
+    )
+
+
+def _check_nifti_complete(path: Path, header: _NiftiHeader) -> None:
+    """Raise if a NIfTI file holds fewer voxel bytes than its header promises (truncated copy or download)."""
+    expected = header.expected_size
+    if not header.compressed:
         actual = path.stat().st_size
         if actual < expected:
             raise ImageError(_truncated_message(path, expected, actual))
@@ -396,29 +534,35 @@ def _check_nifti_complete(path: Path) -> None:
         raise ImageError(_truncated_message(path, expected, actual))
 
 
-def _nifti_expected_size(head: bytes) -> int | None:
-    """Header + voxel bytes a single-file NIfTI-1/2 must hold, or None if ``head`` is not such a header."""
-    if len(head) < 348:
-        return None
-    for endian in "<>":
-        (sizeof_hdr,) = struct.unpack(endian + "i", head[:4])
-        if sizeof_hdr == 348:
-            dims = struct.unpack(endian + "8h", head[40:56])
-            (bitpix,) = struct.unpack(endian + "h", head[72:74])
-            (vox_offset,) = struct.unpack(endian + "f", head[108:112])
-            break
-        if sizeof_hdr == 540 and len(head) >= 540:
-            (bitpix,) = struct.unpack(endian + "h", head[14:16])
-            dims = struct.unpack(endian + "8q", head[16:80])
-            (vox_offset,) = struct.unpack(endian + "q", head[168:176])
-            break
-    else:
-        return None
-    ndim = int(dims[0])
-    if not 1 <= ndim <= 7 or bitpix <= 0 or vox_offset < 348:
-        return None  # a header/image pair (.hdr/.img) or a malformed header: nothing to check here
-    nvox = int(np.prod([max(int(d), 1) for d in dims[1 : ndim + 1]], dtype=np.int64))
-    return int(vox_offset) + nvox * int(bitpix) // 8
+def _check_nifti_finite(path: Path, header: _NiftiHeader, image: sitk.Image) -> None:
+    """Refuse a float NIfTI with NaN/Inf voxels.
+
+    ITK's NIfTI reader (niftilib's ``nifti_read_buffer``) replaces every NaN and Inf of float data by 0 without a
+    word, so the image it returns looks valid and our own NaN check never sees them. Only voxels that came back as
+    exactly 0 can have been such values, so the raw voxels are read again (streamed) only for float files that
+    have zeros.
+    """
+    dtype = _NIFTI_FLOAT_TYPES.get(header.datatype)
+    if dtype is None or not np.any(sitk.GetArrayViewFromImage(image) == 0):
+        return
+    itemsize = header.bitpix // 8
+    remaining = header.n_voxels * itemsize
+    bad = 0
+    with gzip.open(path, "rb") if header.compressed else open(path, "rb") as f:
+        f.seek(header.vox_offset)
+        while remaining > 0:
+            chunk = f.read(min(remaining, 1 << 24))
+            if not chunk:
+                break
+            chunk = chunk[: len(chunk) - len(chunk) % itemsize]
+            remaining -= len(chunk)
+            values = np.frombuffer(chunk, dtype=header.endian + dtype)
+            bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise ImageError(
+            f"{path} has {bad:,} NaN/Inf voxels (ITK's NIfTI reader would silently read them as 0); replace them "
+            "(e.g. with the image's minimum) and save the file again"
+        )
 
 
 def _truncated_message(path: Path, expected: int, actual: int) -> str:

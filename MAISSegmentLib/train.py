@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 import sys
 import time
@@ -79,9 +80,72 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("train", "finetune"):
             raise ConfigError(f"mode must be 'train' or 'finetune', got {self.mode!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.episode_clicks < 1 or self.tbptt < 1:
-            raise ConfigError("steps, batch_size, episode_clicks and tbptt must be >= 1")
         self.milestones = tuple(self.milestones)
+        _check_config(self)
+
+
+# TrainConfig integer fields that count something and must be >= 1 (the CLI option names them with dashes)
+_POSITIVE_COUNTS = (
+    "steps",
+    "batch_size",
+    "episode_clicks",
+    "tbptt",
+    "checkpoint_every",
+    "targets_per_crop",
+    "crop_size",
+    "loss_size",
+)
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that would fail (or train nonsense) later, before anything is built or written.
+
+    Raises:
+        ConfigError: naming the setting, its value and what is allowed.
+    """
+    from .session import SessionOptions  # the memory bank bound of interactive use applies to training too
+
+    for name in _POSITIVE_COUNTS:
+        value = getattr(cfg, name)
+        if not _whole(value) or value < 1:
+            raise ConfigError(f"{name} ({_option(name)}) must be a whole number >= 1, got {value!r}")
+    for name in ("warmup_steps", "seed"):
+        value = getattr(cfg, name)
+        if not _whole(value) or value < 0:
+            raise ConfigError(f"{name} ({_option(name)}) must be a whole number >= 0, got {value!r}")
+    rates = {"lr_encoder": cfg.lr_encoder, "lr_prompt_decoder": cfg.lr_prompt_decoder, "lr_memory": cfg.lr_memory}
+    for name, value in rates.items():
+        if value is not None and not _positive_number(value):
+            raise ConfigError(f"{name} ({_option(name)}) must be a positive learning rate such as 8e-5, got {value!r}")
+    if not (_positive_number(cfg.weight_decay) or cfg.weight_decay == 0):
+        raise ConfigError(f"weight_decay must be zero or a positive number, got {cfg.weight_decay!r}")
+    if not all(_positive_number(m) and m <= 1 for m in cfg.milestones):
+        raise ConfigError(f"milestones must be fractions of the steps in (0, 1], got {cfg.milestones!r}")
+    if cfg.loss_size > cfg.crop_size:
+        raise ConfigError(f"loss_size {cfg.loss_size} (--loss-size) exceeds the crop size {cfg.crop_size}")
+    try:
+        SessionOptions(memory_size=cfg.memory_size)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (--memory-size: the bank capacity `mais segment` accepts)") from None
+    for name in ("model_id", "version"):
+        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name).strip():
+            raise ConfigError(f"{name} ({_option(name)}) must be a non-empty string, got {getattr(cfg, name)!r}")
+
+
+def _whole(value: object) -> bool:
+    """An integer (Python or NumPy; bool refused)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _positive_number(value: object) -> bool:
+    """A finite number > 0 (bool refused)."""
+    numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return numeric and bool(np.isfinite(value)) and value > 0
+
+
+def _option(field_name: str) -> str:
+    """The CLI option of a :class:`TrainConfig` field (``lr_memory`` -> ``--lr-memory``)."""
+    return "--" + field_name.replace("_", "-")
 
 
 @dataclass
@@ -316,6 +380,93 @@ def average_gradients(model: torch.nn.Module) -> None:
         p.grad /= world
 
 
+# ------------------------------------------------------------------------------------------ the run folder
+RUN_FILES = (TRAIN_STATE_FILE, "model.pth", "log.csv")  # what a run writes into its folder
+LOG_FILE = "log.csv"
+
+
+def existing_run_files(out_dir: str | os.PathLike) -> list[str]:
+    """The names of :data:`RUN_FILES` present in ``out_dir`` (a run was started there before)."""
+    out = Path(out_dir)
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def check_run_folder(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse, before any work, a run folder that cannot be used as asked; writes nothing.
+
+    Args:
+        out_dir: the run folder (created later when missing).
+        resume: continue the run there (its ``last.pth`` must exist).
+        overwrite: start again although a run is there (:func:`train` moves its files aside first).
+
+    Raises:
+        ConfigError: ``resume`` with ``overwrite``; ``out_dir`` is a file or cannot be written; a run is there and
+            neither ``resume`` nor ``overwrite`` was given; ``resume`` without a ``last.pth``.
+    """
+    from .fileutil import writable_problem
+
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite starts it again: give only one")
+    problem = writable_problem(out, folder=True)
+    if problem:
+        raise ConfigError(f"--out {out}: {problem}")
+    found = existing_run_files(out)
+    if resume and TRAIN_STATE_FILE not in found:
+        finished = " (it holds a finished model.pth: start a new run from it with --checkpoint)" if found else ""
+        raise ConfigError(f"--resume: {out} holds no {TRAIN_STATE_FILE} to continue from{finished}")
+    if found and not resume and not overwrite:
+        raise ConfigError(
+            f"{out} already holds a run ({', '.join(found)}); continue it with --resume, or start again with "
+            "--overwrite (the old files are moved into a previous-<date> sub-folder), or choose another --out"
+        )
+
+
+def _truncate_log(path: Path, step: int) -> int:
+    """Drop the rows of ``log.csv`` after ``step`` (written after the last checkpoint by a run that then stopped),
+    so a resumed run does not log those steps twice. Returns how many rows went; the file is replaced atomically."""
+    from .fileutil import atomic_write_text
+
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or "step" not in rows[0]:
+        return 0
+    column = rows[0].index("step")
+
+    def keep(row: list[str]) -> bool:
+        try:
+            return int(row[column]) <= step
+        except (IndexError, ValueError):
+            return False  # a half-written last line of a crashed run
+
+    kept = [rows[0]] + [row for row in rows[1:] if keep(row)]
+    dropped = len(rows) - len(kept)
+    if dropped:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\r\n").writerows(kept)
+        atomic_write_text(path, out.getvalue())
+    return dropped
+
+
+def _resume_state(path: Path) -> dict[str, Any]:
+    """The optimizer, scheduler and step stored in a training state (``last.pth``).
+
+    Raises:
+        ConfigError: the file holds weights only (a release or final ``model.pth``, e.g. copied over ``last.pth``).
+    """
+    _, _, meta = load_checkpoint(path)
+    missing = [key for key in ("optimizer", "scheduler", "step") if key not in meta]
+    if missing:
+        raise ConfigError(
+            f"{path} holds model weights only, without the optimizer state a run is continued from (it is a release "
+            "or final model file, as `mais weights export` or the end of a run writes, not a training state): it "
+            "cannot be resumed. Start a new run from it instead: --checkpoint with it, without --resume"
+        )
+    return meta
+
+
 # ------------------------------------------------------------------------------------------ the loop
 SampleFn = Callable[[int], Sample]  # global sample index -> Sample (deterministic)
 
@@ -331,6 +482,7 @@ def train(
     stop_at_step: int | None = None,
     time_limit_s: float | None = None,
     on_step: Callable[[int, MAISModel], None] | None = None,
+    overwrite: bool = False,
 ) -> MAISModel:
     """Run (or resume) training; writes ``out_dir/last.pth`` every ``checkpoint_every`` steps,
     ``out_dir/model.pth`` at the end (MAISSegment checkpoints) and ``out_dir/log.csv``.
@@ -340,12 +492,19 @@ def train(
         sample_fn: global sample index -> :class:`Sample`; must be deterministic (resume, ranks).
         out_dir: run folder.
         device: torch device name.
-        resume: continue from ``out_dir/last.pth`` (model, optimizer, scheduler, step, RNG state).
+        resume: continue from ``out_dir/last.pth`` (model, optimizer, scheduler, step, RNG state); rows of
+            ``log.csv`` after that checkpoint's step (a run stopped between checkpoints) are dropped.
         stop_at_step: stop (with a checkpoint to resume from) once this step is reached.
         time_limit_s: stop (with a checkpoint) after this many seconds; resume later with ``resume``.
         on_step: called with (step, model) after the gradients are averaged, before the optimizer step.
+        overwrite: start again in a folder that holds a run: its files are first moved into a ``previous-<date>``
+            sub-folder. Without it (and without ``resume``) such a folder is refused.
+
+    Raises:
+        ConfigError: see :func:`check_run_folder`; ``resume`` from a file without optimizer state.
     """
     out = Path(out_dir)
+    check_run_folder(out, resume, overwrite)
     dev = torch.device(device)
     init_distributed(dev)
     rank, world = dist_info()
@@ -353,8 +512,6 @@ def train(
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     torch.manual_seed(cfg.seed)
     start_ckpt = out / TRAIN_STATE_FILE if resume else None
-    if resume and not start_ckpt.exists():
-        raise ConfigError(f"--resume: no {TRAIN_STATE_FILE} in {out}")
     model = (
         build_model(
             cfg.preset if not cfg.init_checkpoint else None,
@@ -377,15 +534,15 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step))
     step = 0
     if start_ckpt:
-        _, _, meta = load_checkpoint(start_ckpt)
+        meta = _resume_state(start_ckpt)
         opt.load_state_dict(meta["optimizer"])
         sched.load_state_dict(meta["scheduler"])
         step = int(meta["step"])
         log(f"resumed at step {step} from {start_ckpt}")
     per_rank = cfg.batch_size // world
+    log_path = out / LOG_FILE
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.csv"
+        _prepare_run_folder(out, step, resume, overwrite, log)
     t_start, seen = time.perf_counter(), 0
     while step < cfg.steps:
         if (stop_at_step is not None and step >= stop_at_step) or (
@@ -436,6 +593,21 @@ def train(
     if world > 1:
         dist.barrier()
     return model.eval()
+
+
+def _prepare_run_folder(out: Path, step: int, resume: bool, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Create the run folder; move an old run aside (``overwrite``) or trim the log to the resumed ``step``."""
+    from .fileutil import move_aside
+
+    if overwrite:
+        backup = move_aside(out, RUN_FILES)
+        if backup is not None:
+            log(f"moved the previous run's files to {backup}")
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        dropped = _truncate_log(out / LOG_FILE, step)
+        if dropped:
+            log(f"{LOG_FILE}: dropped {dropped} row(s) after step {step}, written after the last checkpoint")
 
 
 def resolve_lr_memory(cfg: TrainConfig, model: MAISModel, resumed: bool = False) -> TrainConfig:

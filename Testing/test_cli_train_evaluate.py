@@ -222,6 +222,6 @@ def test_fewshot_experiment(manifest, tmp_path, monkeypatch):
         "--cases",
         "5",
         "--out",
-        str(out),
+        str(out.parent / "fs_bad"),
     )
     assert bad.returncode == 2 and "only 2 training cases" in bad.stderr
