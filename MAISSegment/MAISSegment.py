@@ -61,6 +61,7 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 MIN_TORCH_VERSION = "2.5"  # torch.serialization.safe_globals, used by MAISSegmentLib.checkpoint
 DEVICES = ("auto", "cpu", "cuda", "mps")  # MAISSegmentLib.devices.DEVICE_CHOICES
 OVERWRITE_MODES = ("none", "visible", "all")  # MAISSegmentLib.mrml_bridge.OVERWRITE_MODES
+DEFAULT_UNDO_BUDGET_BYTES = 256 * 2**20  # undo history kept for all segments together (oldest dropped first)
 SAME_POSITION_MM = 1e-3  # two clicks closer than this (mm, per axis) on the same side are the same click
 INCLUDE_COLOR = (0.20, 0.80, 0.30)  # include (+) points: green
 EXCLUDE_COLOR = (0.95, 0.25, 0.20)  # exclude (−) points: red
@@ -81,6 +82,12 @@ SHORTCUTS = (
 
 class MAISSegmentError(RuntimeError):
     """A problem the user can fix (missing dependency, no model, wrong nodes); the message says how."""
+
+
+class RewriteNeeded(MAISSegmentError):
+    """The segment was made with other weights than the model in use: its points replayed with this model give
+    another mask everywhere, so the next update would rewrite the whole segment. Nothing was changed; call
+    :meth:`MAISSegmentLogic.allow_rewrite` once the user agrees, then update again."""
 
 
 #
@@ -238,8 +245,8 @@ class Worker:
             job, done = item
             try:
                 result, error = job(), None
-            except Exception as exc:  # delivered to the main thread, which reports it
-                result, error = None, exc
+            except BaseException as exc:  # any failure (even SystemExit/KeyboardInterrupt raised in a job) is
+                result, error = None, exc  # delivered to the main thread, which reports it and is no longer busy
             self._results.put((done, result, error))
 
     def deliver(self) -> int:
@@ -521,6 +528,13 @@ def _defined_points(nodes: dict[bool, Any]) -> dict[tuple[bool, str], dict[str, 
     return points
 
 
+def _copy_boxed(mask: Any) -> Any:
+    """A copy of a ``segment_edits.BoxedMask`` (for undo)."""
+    from MAISSegmentLib.segment_edits import BoxedMask
+
+    return BoxedMask(mask.shape_kji, mask.box, mask.data.copy())
+
+
 def _rebuild_session(session: Any, clicks: Sequence[tuple[Sequence[float], bool]]) -> Any:
     """Replace the session's clicks by ``clicks`` (a moved point) and replay them: one undoable operation.
 
@@ -546,6 +560,9 @@ class UpdateResult:
     encoder_runs: image-encoder runs during the call. model: model label.
     box: the IJK box written (``MAISSegmentLib.roi.Box``; None if nothing). changed: whether any voxel changed.
     rejected: messages of points that were refused (their points were removed from the point lists).
+    kept_edits: voxels the user had edited (e.g. painted in the Segment Editor) that the network's mask would have
+        changed: they were kept. edited_voxels: all voxels kept as the user's edits in this segment.
+    undo_dropped: older operations dropped from the undo history by this call (its byte budget).
     """
 
     action: str
@@ -559,6 +576,9 @@ class UpdateResult:
     box: Any = None
     changed: bool = False
     rejected: list[str] = field(default_factory=list)
+    kept_edits: int = 0
+    edited_voxels: int = 0
+    undo_dropped: int = 0
 
 
 @dataclass
@@ -568,6 +588,14 @@ class _Operation:
     steps: int
     record: Any  # mrml_bridge.UndoRecord, or None when nothing was written
     action: str
+    edited_before: Any = None  # segment_edits.BoxedMask of the user's edits before/after (restored by undo/redo)
+    edited_after: Any = None
+    serial: int = 0  # order of the operations of all segments (the oldest is dropped first)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the segment patches this operation keeps (the session's part is counted by the session)."""
+        return 0 if self.record is None else int(self.record.nbytes)
 
 
 @dataclass
@@ -585,7 +613,11 @@ class _Target:
     undo: list[_Operation] = field(default_factory=list)
     redo: list[_Operation] = field(default_factory=list)
     last: UpdateResult | None = None
-    stale: bool = False  # the segment shows another model's result: the next write covers the whole volume
+    edits: Any = None  # segment_edits.SegmentEdits: what MAISSegment wrote into the segment, the user's edits since
+    made_with: str | None = None  # SHA-256 of the weights whose result the segment shows (None: not known yet)
+    rewrite_allowed: bool = False  # the user agreed that the next update rewrites the whole segment (other weights)
+    replace_allowed: bool = False  # the user agreed that voxels drawn elsewhere before the first update are replaced
+    busy: bool = False  # an update is being computed on the worker: its session must not be read meanwhile
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -604,6 +636,7 @@ class UpdateRequest:
     state: dict | None = None  # stored session state, only when the session must be created
     seen: dict | None = None  # {(include, control point ID): RAS (3,)} of the defined points the clicks were read from
     started: float = 0.0  # time.perf_counter() when the points were read
+    made_with: str | None = None  # weights SHA-256 of the stored state (when the session must be created)
 
 
 @dataclass
@@ -618,6 +651,11 @@ class UpdateOutcome:
     encoder_runs: int
     rejected: list[str]
     request: UpdateRequest | None = None  # what it was computed from (its ``seen`` points, its ``started`` time)
+    session: Any = None  # the session (new, replayed or the target's own) the update was computed in
+    rewrite: bool = False  # the clicks were replayed with other weights: the whole segment is rewritten
+    baseline: Any = None  # segment_edits.BoxedMask: the replayed mask before this update's clicks, for a session
+    # rebuilt from a stored state (what MAISSegment had written, the user's edits being the differences)
+    made_with: str = ""  # SHA-256 of the weights it was computed with
 
 
 @dataclass(frozen=True)
@@ -669,6 +707,8 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         self.use_memory = True
         self.memory_size = 60
         self.overwrite = "none"
+        self.undo_budget_bytes = DEFAULT_UNDO_BUDGET_BYTES  # undo history of all segments of the scene
+        self._serial = 0  # operations recorded so far (orders them across segments)
         self.segment_editor_node = None
         self._requirements_file: str | None = None  # default: Resources/requirements.txt (see requirements_path)
         self._targets: dict[tuple[str, str, str], _Target] = {}
@@ -943,15 +983,13 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
 
     def use_model(self, model: Any, label: str) -> None:
         """Use an already built network (e.g. from ``MAISSegmentLib.build_model``) until :meth:`select_model`
-        chooses another one. Existing sessions are dropped (they continue from their stored states)."""
+        chooses another one. A segment made with other weights asks before its next update rewrites it
+        (:class:`RewriteNeeded`); its clicks are then replayed with this network."""
         self._replace_model(model, "given", label)
 
     def _replace_model(self, model: Any, key: Any, label: str) -> None:
-        if self._model is not None and model is not self._model:
-            for target in self._targets.values():  # states were stored after each change
-                if target.session is not None:
-                    target.stale = True
-                target.session, target.undo, target.redo = None, [], []
+        """Switch the network (may run on the worker: it touches no target; each target notices the switch at its
+        next update, on the worker for that target, see :meth:`_compute_update`)."""
         self._model, self._model_key, self.model_label = model, key, label
         self._loaded_choice = dict(self._model_choice)
 
@@ -1362,7 +1400,12 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         request = self.prepare_update(
             segmentation_node, segment_id, volume_node, include_node, exclude_node, use_memory, memory_size
         )
-        return self.apply_update(self.compute_update(request))
+        try:
+            outcome = self.compute_update(request)
+        except BaseException:
+            self.update_failed(request)
+            raise
+        return self.apply_update(outcome)
 
     def prepare_update(
         self,
@@ -1407,46 +1450,56 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
                 _add_state_points(state, include_node, exclude_node)
         request = UpdateRequest(target, mb.clicks_from_markups(include_node, exclude_node), options, volume=volume)
         request.state, request.started = state, started
+        if state is not None and not _state_fits(state, volume):
+            request.state = None
         request.seen = {
             key: point["ras"] for key, point in _defined_points({True: include_node, False: exclude_node}).items()
         }
+        target.busy = True  # until apply_update / update_failed: the worker owns the session meanwhile
         if target.session is None or self._protection_stamp(target) != target.protection_stamp:
             # the other segments changed since the session's protected mask was made (or there is no session yet)
             request.protected = mb.protected_mask(segmentation_node, segment_id, volume_node, self._overwrite_mode())
         return request
 
     def _new_session(self, model: Any, volume: Any, protected: Any, state: dict | None) -> Any:
-        """A session on ``volume``: replayed from ``state`` when it belongs to this image, else empty."""
-        from MAISSegmentLib.errors import ConfigError
+        """A session on ``volume``: replayed from ``state`` (a stored state of this image), else empty."""
         from MAISSegmentLib.session import InteractiveSession, SessionOptions
 
         if state is not None:
-            try:
-                return self._session_from_state(model, volume, state, protected)
-            except ConfigError as exc:
-                logging.warning("MAISSegment: the stored session cannot be continued (%s); starting a new one", exc)
+            return self._session_from_state(model, volume, state, protected)
         options = SessionOptions(use_memory=self.use_memory and model.has_memory, memory_size=self.memory_size)
         session = InteractiveSession(model, options)
         session.set_image(volume, protected=protected)
         return session
 
     def _session_from_state(self, model: Any, volume: Any, state: dict, protected: Any) -> Any:
+        """Replay a stored state with ``model`` (whose weights may differ: the caller checked that with the user).
+
+        Raises:
+            MAISSegmentError: the state is damaged (malformed, a click outside the volume): says what to do.
+        """
+        from MAISSegmentLib.errors import ConfigError, PromptError
         from MAISSegmentLib.session import InteractiveSession
 
-        report = getattr(model, "load_report", None)
-        current = (report.model_id if report is not None else None) or "unknown"
-        stored = state.get("model_id")
-        if stored not in (None, "unknown", current):
-            logging.warning(
-                "MAISSegment: the stored clicks were made with model %r; replaying them with %r", stored, current
-            )
-        return InteractiveSession.from_state(model, volume, state, protected=protected, check_model=False)
+        try:
+            return InteractiveSession.from_state(model, volume, state, protected=protected, check_model=False)
+        except (ConfigError, PromptError) as exc:
+            raise MAISSegmentError(
+                _(
+                    "The MAISSegment points stored with this segment cannot be replayed: {error}. Clear them "
+                    "(Reset segment) to start over; the segment's voxels are left as they are."
+                ).format(error=exc)
+            ) from exc
 
     def compute_update(self, request: UpdateRequest) -> UpdateOutcome:
-        """Run the network for a prepared request. Touches neither MRML nor Qt: safe on the worker thread.
+        """Run the network for a prepared request. Touches neither MRML nor Qt, and no state the main thread reads
+        (the target's session is handed over in the outcome): safe on the worker thread.
 
         On an unexpected error the session is left as it was (its operations of this call are undone); running out
         of (CPU or GPU) memory is reported as a :class:`MAISSegmentError` saying what to do.
+
+        Raises:
+            RewriteNeeded: the segment was made with other weights and the user has not agreed to rewrite it.
         """
         from MAISSegmentLib.errors import is_out_of_memory
 
@@ -1476,23 +1529,68 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def _session_for(self, request: UpdateRequest, model: Any) -> tuple[Any, bool, Any]:
+        """The session to update: ``(session, rewrite, baseline)``.
+
+        The target's own session when it runs on ``model``; else one replayed with ``model`` from the target's
+        clicks (a model switch) or from the stored state (a reloaded scene), or a new one. ``rewrite``: the segment
+        shows another network's result, so the whole segment is rewritten (only once the user agreed, else
+        :class:`RewriteNeeded`). ``baseline``: for a session replayed with the weights the segment was made with,
+        its mask before this update (``BoxedMask``): what MAISSegment had written, the differences being the user's.
+        """
+        from MAISSegmentLib.segment_edits import BoxedMask
+        from MAISSegmentLib.session import state_weights_match
+        from MAISSegmentLib.weights_identity import weights_sha256
+
+        target = request.target
+        session = target.session
+        current = weights_sha256(model)
+        if session is not None and session.model is model:  # (restored from the scene with these weights, or not)
+            made_with, state = target.made_with, None
+            old_model = session.model_id
+        elif session is not None:  # the model was switched: replay the clicks with the new one
+            state, volume, protected = session.state(), session.image, session.protected
+            if request.protected is not None:
+                protected = request.protected
+            made_with, old_model = target.made_with, session.model_id
+        else:
+            state, volume, protected = request.state, request.volume, request.protected
+            made_with = None if state is None else state.get("weights_sha256")
+            if state is not None and not made_with and state_weights_match(state, model):
+                made_with = current  # saved before the hash was recorded, by a model of this id
+            old_model = (state or {}).get("model_id")
+        clicks = (session.clicks if session is not None else []) if state is None else state.get("clicks")
+        rewrite = bool(clicks and made_with and made_with != current)
+        if rewrite and not target.rewrite_allowed:
+            raise RewriteNeeded(
+                _(
+                    "This segment was made with other weights (model '{old}') than the model in use ('{new}'). Its "
+                    "points replayed with '{new}' give another mask, so the next update replaces the whole segment "
+                    "(your edits since the last point are kept where known; Undo restores the segment). Nothing was "
+                    "changed."
+                ).format(old=old_model or "?", new=self.model_label)
+            )
+        if state is None and session is not None:
+            return session, rewrite, None
+        new = self._new_session(model, volume, protected, state)
+        baseline = None if rewrite or state is None else BoxedMask.from_dense(new.mask)
+        return new, rewrite, baseline
+
     def _compute_update(self, request: UpdateRequest) -> UpdateOutcome:
         from MAISSegmentLib.errors import PromptError
-        from MAISSegmentLib.roi import Box
+        from MAISSegmentLib.roi import Box, image_box
+        from MAISSegmentLib.weights_identity import weights_sha256
 
         model = self.ensure_model()
         target = request.target
         t0 = time.perf_counter()
-        session = target.session
-        if session is None:
-            session = self._new_session(model, request.volume, request.protected, request.state)
+        session, rewrite, baseline = self._session_for(request, model)
+        existed = session is target.session  # (a new or replayed session was made with request.protected)
         encoder_runs = session.encoder_runs
         box, steps, rejected, actions = Box.nothing(), 0, [], []
-        if target.stale:  # the clicks were replayed with another model: its mask differs anywhere, not only here
-            k, j, i = session.mask.shape
-            box = Box((0, 0, 0), (i, j, k))
+        if rewrite:  # the clicks were replayed with other weights: the mask differs anywhere, not only here
+            box = image_box(session.image)
         try:
-            existed = target.session is not None  # (a new session was made with request.protected)
             if existed and request.protected is not None and not _same_mask(session.protected, request.protected):
                 box = box.union(session.set_protected(request.protected))  # other segments changed meanwhile
                 steps += 1
@@ -1526,7 +1624,6 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             for _step in range(steps):
                 session.undo()
             raise
-        target.session = session
         action = actions[-1] if actions else ("rejected" if rejected else "none")
         return UpdateOutcome(
             target,
@@ -1537,33 +1634,115 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             session.encoder_runs - encoder_runs,
             rejected,
             request,
+            session=session,
+            rewrite=rewrite and steps > 0,
+            baseline=baseline,
+            made_with=weights_sha256(model),
         )
 
     def apply_update(self, outcome: UpdateOutcome) -> UpdateResult:
         """Write a computed update into the segment (main thread), record it for undo, tidy the points, store the state.
 
-        If the write fails the session's operations are undone, the points are left as they are and the error is
-        raised (nothing was modified).
+        The user's edits of the segment since MAISSegment last wrote it (Segment Editor touch-ups) are kept: the
+        network's mask is written around them (:meth:`overwrite_edits` lets it replace them). If the write fails the
+        session's operations are undone, the points are left as they are and the error is raised (nothing was
+        modified).
         """
         target = outcome.target
+        target.busy = False
         record = None
+        if outcome.session is not target.session:
+            if outcome.steps == 0 and outcome.rewrite is False and target.session is not None:
+                pass  # a replayed session that changed nothing: keep the target's (its undo history stays valid)
+            else:
+                target.session, target.undo, target.redo = outcome.session, [], []
+        edits = self._edits(target)
+        if target.replace_allowed or (outcome.rewrite and not edits.known):
+            # the user agreed to replace what is there (drawn elsewhere, or another model's result of which there is
+            # no record): it is MAISSegment's to overwrite
+            self._adopt_segment(target)
+        elif outcome.baseline is not None and not edits.known:
+            edits.set_baseline(outcome.baseline)
         if outcome.steps:
+            edited_before = _copy_boxed(edits.edited)
             try:
                 record = self._write(target, outcome.box)
             except BaseException:
                 for _step in range(outcome.steps):
                     target.session.undo()
                 raise
-            self._push(target, _Operation(outcome.steps, record, outcome.action))
-            target.stale = False
+            self._push(
+                target, _Operation(outcome.steps, record, outcome.action, edited_before, _copy_boxed(edits.edited))
+            )
+            target.made_with = outcome.made_with
+            target.rewrite_allowed = target.replace_allowed = False
         request = outcome.request
         self._sync_points(target, None if request is None else request.seen)
         self._store_state(target)
         target.protection_stamp = self._protection_stamp(target)
         result = self._result(target, outcome.action, record, outcome.seconds, outcome.encoder_runs, outcome.rejected)
+        result.undo_dropped = self._trim_undo()
         if request is not None and request.started:
             result.total_seconds = time.perf_counter() - request.started
         return result
+
+    def update_failed(self, request: UpdateRequest) -> None:
+        """The worker's computation for ``request`` failed (main thread): the target may be read again."""
+        request.target.busy = False
+
+    def _edits(self, target: _Target) -> Any:
+        """The target's :class:`~MAISSegmentLib.segment_edits.SegmentEdits` (created on first use)."""
+        if target.edits is None:
+            from MAISSegmentLib.segment_edits import SegmentEdits
+
+            target.edits = SegmentEdits(tuple(target.session.mask.shape))
+        return target.edits
+
+    def _adopt_segment(self, target: _Target) -> None:
+        """Take the segment's current content as MAISSegment's own (the user agreed to replace it)."""
+        from MAISSegmentLib.segment_edits import BoxedMask
+
+        segmentation, volume = self._nodes(target)
+        current = _bridge().read_segment(segmentation, target.segment_id, volume)
+        self._edits(target).set_baseline(BoxedMask.from_dense(current))
+
+    def allow_rewrite(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> None:
+        """The user agreed (after :class:`RewriteNeeded`): the next update replays the segment's points with the model
+        in use and rewrites the whole segment (their edits since the last point kept when known; undoable)."""
+        self._target(segmentation_node, segment_id, volume_node).rewrite_allowed = True
+
+    def allow_replacing(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> None:
+        """The user agreed that the first update replaces the voxels drawn elsewhere (:meth:`unowned_voxels`) around
+        the points. Without it they are kept as the user's own edits."""
+        self._target(segmentation_node, segment_id, volume_node).replace_allowed = True
+
+    def edited_voxels(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> int:
+        """Voxels of the segment kept as the user's edits (changed since MAISSegment wrote them)."""
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        return 0 if target is None or target.edits is None else target.edits.edited_count()
+
+    def overwrite_edits(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> UpdateResult:
+        """ "Let the model overwrite my edits": write the session's mask over the voxels kept as the user's edits
+        (undoable: Undo brings the edits back, protected again)."""
+        from MAISSegmentLib.segment_edits import BoxedMask
+
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        if target is None or target.session is None or target.edits is None or not target.edits.edited_count():
+            return UpdateResult("none", model=self.model_label)
+        mb = _bridge()
+        edits = target.edits
+        edited_before = _copy_boxed(edits.edited)
+        box = edits.forget_edits()
+        current = mb.read_segment_box(segmentation_node, segment_id, volume_node, box)
+        edits.wrote(box, current)  # what is there now is MAISSegment's to replace
+        try:
+            record = self._write(target, box)
+        except BaseException:
+            edits.edited = edited_before
+            raise
+        self._push(target, _Operation(0, record, "overwrite", edited_before, BoxedMask(edits.shape_kji)))
+        self._store_state(target)
+        return self._result(target, "overwrite", record, 0.0, 0)
 
     def _protection_stamp(self, target: _Target) -> tuple:
         """What the session's protected mask depends on: the overwrite mode and, for every other segment, its
@@ -1591,7 +1770,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         editable = None
         if mb.editing_restricted(self.segment_editor_node):
             editable = mb.editable_mask(segmentation, target.segment_id, volume, self.segment_editor_node)
-        return mb.write_mask(
+        record = mb.write_mask(
             segmentation,
             target.segment_id,
             volume,
@@ -1599,15 +1778,77 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             box,
             editable=editable,
             overwrite=self._overwrite_mode(),
+            edits=self._edits(target),
         )
+        self._others_wrote(target, record)
+        return record
+
+    def _others_wrote(self, target: _Target, record: Any) -> None:
+        """Other segments a write (or undo/redo) changed hold the record's content now: not the user's edits."""
+        for segment_id in record.segment_ids[1:]:
+            for other in self._targets.values():
+                if (
+                    other.segmentation_node_id == target.segmentation_node_id
+                    and other.segment_id == segment_id
+                    and other.edits is not None
+                    and other.edits.known
+                ):
+                    other.edits.wrote(record.box, record.after(segment_id))
+
+    def _others_restored(self, target: _Target, record: Any) -> None:
+        """After an undo: the other segments the write changed hold their content from before it."""
+        for segment_id in record.segment_ids[1:]:
+            for other in self._targets.values():
+                if (
+                    other.segmentation_node_id == target.segmentation_node_id
+                    and other.segment_id == segment_id
+                    and other.edits is not None
+                    and other.edits.known
+                ):
+                    other.edits.wrote(record.box, record.before(segment_id))
 
     def _push(self, target: _Target, operation: _Operation) -> None:
         """Record an operation; keep no more session steps than the session itself can undo."""
+        self._serial += 1
+        operation.serial = self._serial
         target.undo.append(operation)
         target.redo.clear()
         limit = target.session.options.undo_limit
         while target.undo and sum(op.steps for op in target.undo) > limit:
             target.undo.pop(0)
+
+    def undo_nbytes(self) -> int:
+        """Bytes held by the undo/redo history of every segment (segment patches and sessions' records)."""
+        return sum(self._target_undo_nbytes(t) for t in self._targets.values())
+
+    @staticmethod
+    def _target_undo_nbytes(target: _Target) -> int:
+        ops = sum(op.nbytes for op in target.undo) + sum(op.nbytes for op in target.redo)
+        return ops + (target.session.undo_nbytes if target.session is not None else 0)
+
+    def _trim_undo(self) -> int:
+        """Keep the undo history of all segments within ``undo_budget_bytes``: the oldest operations (of any segment)
+        are dropped first, never the newest one. Also drops operations whose session steps the session itself no
+        longer holds (its own byte budget). Returns the number of operations dropped."""
+        dropped = 0
+        for target in self._targets.values():
+            depth = target.session.undo_depth if target.session is not None else 0
+            while target.undo and sum(op.steps for op in target.undo) > depth:
+                target.undo.pop(0)
+                dropped += 1
+        total = self.undo_nbytes()
+        while total > self.undo_budget_bytes:
+            candidates = [t for t in self._targets.values() if t.undo]
+            if sum(len(t.undo) for t in candidates) <= 1:
+                break
+            target = min(candidates, key=lambda t: t.undo[0].serial)
+            before = self._target_undo_nbytes(target)
+            operation = target.undo.pop(0)
+            if target.session is not None:
+                target.session.drop_oldest_undo(operation.steps)
+            total -= before - self._target_undo_nbytes(target)
+            dropped += 1
+        return dropped
 
     def _result(self, target: _Target, action: str, record: Any, seconds: float, encoder_runs: int, rejected=()):
         session = target.session
@@ -1627,6 +1868,8 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             box=None if record is None else record.box,
             changed=bool(record is not None and record.changed),
             rejected=list(rejected),
+            kept_edits=0 if record is None else int(record.kept_edits),
+            edited_voxels=0 if target.edits is None else target.edits.edited_count(),
         )
         target.last = result
         return result
@@ -1665,12 +1908,14 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         if target is None or target.session is None or not target.session.clicks:
             return UpdateResult("none", model=self.model_label)
         box = target.session.reset()
+        edits = self._edits(target)
+        edited_before = _copy_boxed(edits.edited)
         try:
             record = self._write(target, box)
         except BaseException:
             target.session.undo()
             raise
-        self._push(target, _Operation(1, record, "reset"))
+        self._push(target, _Operation(1, record, "reset", edited_before, _copy_boxed(edits.edited)))
         self._sync_points(target)
         self._store_state(target)
         target.protection_stamp = self._protection_stamp(target)
@@ -1692,7 +1937,14 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         mb = _bridge()
         operation = stack[-1]
         if operation.record is not None:  # MRML first: if the segment cannot be restored, nothing changes
-            (mb.redo_write if redo else mb.undo_write)(segmentation_node, operation.record)
+            record = operation.record
+            (mb.redo_write if redo else mb.undo_write)(segmentation_node, record)
+            if target.edits is not None:  # the segment holds the record's content again, edits as they were then
+                target.edits.wrote(record.box, (record.after if redo else record.before)(target.segment_id))
+                edited = operation.edited_after if redo else operation.edited_before
+                if edited is not None:
+                    target.edits.edited = _copy_boxed(edited)
+            self._others_wrote(target, record) if redo else self._others_restored(target, record)
         stack.pop()
         for _step in range(operation.steps):
             target.session.redo() if redo else target.session.undo()
@@ -1791,7 +2043,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         the scene is about to be saved. Returns the number of segments written."""
         count = 0
         for target in self._targets.values():
-            if target.session is not None:
+            if target.session is not None and not target.busy:  # a busy one's last state is in its tag already
                 self._store_state(target)
                 count += 1
         return count
@@ -1823,8 +2075,18 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         t0 = time.perf_counter()
         volume = mb.volume_from_node(volume_node)
         protected = mb.protected_mask(segmentation_node, segment_id, volume_node, self._overwrite_mode())
+        from MAISSegmentLib.segment_edits import BoxedMask, SegmentEdits
+        from MAISSegmentLib.session import state_weights_match
+        from MAISSegmentLib.weights_identity import weights_sha256
+
         target.session = self._session_from_state(model, volume, state, protected)
         target.undo, target.redo = [], []
+        target.edits = SegmentEdits(tuple(target.session.mask.shape))
+        if state_weights_match(state, model):  # the segment shows this replay, apart from the user's edits
+            target.made_with = weights_sha256(model)
+            target.edits.set_baseline(BoxedMask.from_dense(target.session.mask))
+        else:  # made with other weights: the next update asks before rewriting it (RewriteNeeded)
+            target.made_with = state.get("weights_sha256") or "other"
         target.protection_stamp = self._protection_stamp(target)
         target.include_node_id = include_node.GetID() if include_node is not None else None
         target.exclude_node_id = exclude_node.GetID() if exclude_node is not None else None
@@ -1845,6 +2107,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             "undo": _("Undone"),
             "redo": _("Redone"),
             "restore": _("Restored from the scene"),
+            "overwrite": _("Your edits replaced by the model's mask"),
             "none": _("Up to date"),
             "rejected": _("Point refused"),
         }
@@ -1868,6 +2131,15 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             )
         if result.encoder_runs:
             text += " · " + _("{count} new ROI encoding(s)").format(count=result.encoder_runs)
+        if result.kept_edits:
+            text += "\n" + _(
+                "Kept {count} voxels you edited since the last point (the model would have changed them); "
+                "'Overwrite my edits' lets the model replace them."
+            ).format(count=f"{result.kept_edits:,}")
+        if result.undo_dropped:
+            text += "\n" + _("Undo history full: the {count} oldest step(s) can no longer be undone.").format(
+                count=result.undo_dropped
+            )
         if result.rejected:
             text += "\n" + _("Refused: {reasons}").format(reasons="; ".join(result.rejected))
         return text
@@ -1938,6 +2210,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.redoButton.connect("clicked()", self.onRedo)
         self.ui.forgetButton.connect("clicked()", self.onForgetPoint)
         self.ui.resetButton.connect("clicked()", self.onResetSegment)
+        self.ui.overwriteEditsButton.connect("clicked()", self.onOverwriteEdits)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.refreshModelsButton.connect("clicked()", self.refreshModels)
         self.ui.importWeightsButton.connect("clicked()", self.onImportWeights)
@@ -2110,6 +2383,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ready = target is not None and not self._busy
         for button in (self.ui.includeButton, self.ui.excludeButton, self.ui.forgetButton, self.ui.resetButton):
             button.enabled = ready
+        self.ui.overwriteEditsButton.enabled = ready and self.logic.edited_voxels(*target) > 0
         self.ui.undoButton.enabled = ready and self.logic.can_undo(*target)
         self.ui.redoButton.enabled = ready and self.logic.can_redo(*target)
         self.ui.overwriteComboBox.enabled = not self.ui.useEditorMaskingCheckBox.checked
@@ -2276,12 +2550,12 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             generation = self._sceneGeneration
             self._worker.submit(
                 lambda: self.logic.compute_update(request),
-                lambda outcome, error: self._onComputed(outcome, error, generation),
+                lambda outcome, error: self._onComputed(outcome, error, generation, request),
             )
 
     def _confirmReplacing(self, segmentation, segmentId, volume) -> bool:
-        """Before a segment's first update: if it already holds voxels drawn elsewhere, ask before MAISSegment
-        replaces them around the points; on No, the points not yet used are removed and nothing is written."""
+        """Before a segment's first update: if it already holds voxels drawn elsewhere, ask whether MAISSegment may
+        replace them around the points (Yes) or must keep them as the user's own and segment around them (No)."""
         p = self._parameterNode
         if not any(n is not None and n.GetNumberOfDefinedControlPoints() for n in (p.includePoints, p.excludePoints)):
             return True  # no point: this update writes nothing
@@ -2294,27 +2568,54 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return True
         name = segmentation.GetSegmentation().GetSegment(segmentId).GetName()
         question = _(
-            "Segment '{name}' already holds {count} voxels drawn without MAISSegment. MAISSegment replaces the "
-            "segment around your points with its result (Undo restores what is there now).\n\nReplace them? "
-            "(No: your point is removed; add a new segment to keep this one as it is.)"
+            "Segment '{name}' already holds {count} voxels drawn without MAISSegment.\n\nReplace them with "
+            "MAISSegment's result around your points? (Undo restores them.)\n\nNo: they are kept exactly as they "
+            "are, and MAISSegment segments around them."
         ).format(name=name, count=f"{count:,}")
         if slicer.util.confirmYesNoDisplay(question, _("MAISSegment: segment not empty")):
+            self.logic.allow_replacing(segmentation, segmentId, volume)
+        return True
+
+    def _confirmRewrite(self, error, request) -> bool:
+        """After :class:`RewriteNeeded`: ask; Yes: allowed, and the update is requested again. No: the points the
+        update would have added are removed (nothing was written), the segment stays as it is."""
+        target = request.target
+        nodes = self.logic._nodes(target)
+        question = str(error) + "\n\n" + _("Replace the whole segment with this model's result?")
+        if slicer.util.confirmYesNoDisplay(question, _("MAISSegment: segment made with another model")):
+            self.logic.allow_rewrite(nodes[0], target.segment_id, nodes[1])
             return True
+        p = self._parameterNode
         self._ignorePointEvents = True
         try:
             for node in (p.includePoints, p.excludePoints):
-                if node is not None:
-                    node.RemoveAllControlPoints()  # no session yet (count > 0): every point of the lists is new
+                if node is None:
+                    continue
+                for index in reversed(range(node.GetNumberOfControlPoints())):
+                    if _bridge().click_order(node, index) is None:  # placed now, never applied
+                        node.RemoveNthControlPoint(index)
         finally:
             self._ignorePointEvents = False
-        self._setStatus(_("Segment '{name}' left as it was.").format(name=name))
+        self._setStatus(_("Segment left as it was; select the model it was made with to continue it."))
         return False
 
-    def _onComputed(self, outcome, error, generation) -> None:
+    def _onComputed(self, outcome, error, generation, request=None) -> None:
         self._busy = False
         self._hideModelProgress()
+        if error is not None and request is not None:
+            self.logic.update_failed(request)
+        if error is not None and not isinstance(error, Exception):  # e.g. KeyboardInterrupt raised in the job
+            error = MAISSegmentError(_("The computation was interrupted ({kind}).").format(kind=type(error).__name__))
         if generation != self._sceneGeneration:  # the scene was closed meanwhile: nothing to write into
             self._updatePending = self._configurePending = False
+            return
+        if isinstance(error, RewriteNeeded) and request is not None:
+            if self._confirmRewrite(error, request):
+                self._updatePending = True
+            self._updateGui()
+            if self._updatePending:
+                configure, self._updatePending, self._configurePending = self._configurePending, False, False
+                self.requestUpdate(configure=configure)
             return
         try:
             if error is not None:
@@ -2362,6 +2663,10 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onResetSegment(self) -> None:
         self._runQuickAction(_("Reset failed."), self.logic.reset)
+
+    def onOverwriteEdits(self) -> None:
+        """Let the model's mask replace the voxels kept as the user's edits (undoable)."""
+        self._runQuickAction(_("Overwriting your edits failed."), self.logic.overwrite_edits)
 
     def onForgetPoint(self) -> None:
         """Remove the selected point; the point-removed event recomputes the segment without it (on the worker)."""

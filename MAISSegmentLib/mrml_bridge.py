@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ from vtk.util import numpy_support
 
 from .errors import MAISError
 from .roi import Box
+from .segment_edits import SegmentEdits
 from .volume import Volume, as_point3
 
 __all__ = [
@@ -408,6 +410,14 @@ def read_segment(segmentation_node: Any, segment_id: str, reference_volume_node:
 
 
 # ---------------------------------------------------------------------------------------------------- masking
+def read_segment_box(segmentation_node: Any, segment_id: str, reference_volume_node: Any, box: Box) -> np.ndarray:
+    """The segment's voxels inside ``box`` (IJK, clipped to the grid): bool ``box.shape_kji`` on the reference grid."""
+    segmentation = _segmentation(segmentation_node)
+    _segment(segmentation, segment_id, segmentation_node)
+    grid = _reference_grid(segmentation_node, reference_volume_node)
+    return _read(segmentation, segment_id, grid, box.intersect(grid.box))
+
+
 def is_segment_locked(segmentation_node: Any, segment_id: str) -> bool:
     """Whether the segment carries ``MAISSegment.Locked`` = 1/true/yes (MAISSegment then never modifies it)."""
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
@@ -555,12 +565,14 @@ def _zero_on_grid(image: Any, grid: _Grid) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------- writing
 def _pack(mask: np.ndarray) -> bytes:
-    return np.packbits(mask.astype(bool), axis=None).tobytes()
+    """Bit-packed and compressed (masks are mostly runs: a box of a click's change compresses ~20-100x)."""
+    return zlib.compress(np.packbits(mask.astype(bool), axis=None).tobytes(), 1)
 
 
 def _unpack(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
     n = int(np.prod(shape))
-    return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n).astype(bool).reshape(shape)
+    bits = np.frombuffer(zlib.decompress(data), dtype=np.uint8)
+    return np.unpackbits(bits, count=n).astype(bool).reshape(shape)
 
 
 @dataclass
@@ -577,6 +589,7 @@ class UndoRecord:
     ijk_to_seg: np.ndarray
     shape_kji: tuple[int, int, int]
     segment_ids: list[str] = field(default_factory=list)
+    kept_edits: int = 0  # voxels of the user's edits the network's mask would have changed: they were kept
     _before: dict[str, bytes] = field(default_factory=dict, repr=False)
     _after: dict[str, bytes] = field(default_factory=dict, repr=False)
 
@@ -748,8 +761,9 @@ def write_mask(
     box: Box,
     editable: np.ndarray | None = None,
     overwrite: str = "none",
+    edits: SegmentEdits | None = None,
 ) -> UndoRecord:
-    """Write a session's mask into a segment, inside ``box`` only, honouring Slicer's masking.
+    """Write a session's mask into a segment, inside ``box`` only, honouring Slicer's masking and the user's edits.
 
     Args:
         segmentation_node: the vtkMRMLSegmentationNode (binary labelmap source representation).
@@ -761,9 +775,12 @@ def write_mask(
         editable: ``(K, J, I)`` bool, True where the segment may change (e.g. :func:`editable_mask`); None: anywhere.
         overwrite: ``"none"`` (other segments protected), ``"visible"`` or ``"all"``: which other segments give up
             the voxels the target takes. Locked segments are always protected.
+        edits: the target's :class:`~MAISSegmentLib.segment_edits.SegmentEdits`: voxels where the segment differs
+            from what MAISSegment last wrote (the user's touch-ups, now or earlier) keep their content, and the
+            record counts those the mask would have changed (``kept_edits``). None: the mask overwrites them.
 
-    In the box, the target becomes the mask at editable, unprotected voxels and keeps its content elsewhere;
-    overwritable segments lose the voxels the target gets.
+    In the box, the target becomes the mask at editable, unprotected voxels the user did not edit, and keeps its
+    content elsewhere; overwritable segments lose the voxels the target gets.
 
     Returns:
         :class:`UndoRecord` for :func:`undo_write` / :func:`redo_write`.
@@ -792,6 +809,10 @@ def write_mask(
         allowed &= ~_read(segmentation, other, grid, box)
     new = mask[box.slices] > 0
     old = _read(segmentation, segment_id, grid, box)
+    if edits is not None:
+        keep = edits.observe(box, old)
+        record.kept_edits = int(np.count_nonzero(keep & allowed & (new != old)))
+        allowed &= ~keep
     target_after = np.where(allowed, new, old)
     taken = allowed & new
     touched: list[tuple[str, np.ndarray, np.ndarray]] = [(segment_id, old, target_after)]
@@ -811,6 +832,8 @@ def write_mask(
     for s, before, after in touched:
         record._before[s], record._after[s] = _pack(before), _pack(after)
     if not record.changed:
+        if edits is not None:
+            edits.wrote(box, target_after)
         return record
     _ensure_reference_geometry(segmentation, grid)
     # target first (takes voxels from overwritable segments sharing its layer), then the others lose theirs
@@ -826,6 +849,8 @@ def write_mask(
                 f"writing the mask failed ({exc}) and restoring the previous content failed too ({restore_exc})"
             ) from exc
         raise
+    if edits is not None:
+        edits.wrote(box, target_after)
     return record
 
 
