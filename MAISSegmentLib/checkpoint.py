@@ -13,14 +13,20 @@ Loading is ``torch.load(weights_only=True)`` with a short allow-list of plain-da
 scripts put in checkpoints (``argparse.Namespace``, ``collections.Counter`` from ``MultiStepLR``, NumPy
 scalars, paths). Anything else needs ``trusted=True``, which the user must ask for explicitly. Every key
 and shape is checked *before* any weight is copied, so a bad file never leaves a half-loaded model.
+
+A configuration read from a file is not trusted either: its fields are type- and range-checked, it must
+describe the tensors actually in the file (:func:`check_config_matches_weights`), and the network it
+describes must fit in the available memory (:func:`check_fits_in_memory`), all before anything is built.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import hashlib
 import importlib
+import math
 import os
 import pathlib
 import pickle
@@ -43,9 +49,26 @@ from .model.config import (
     get_preset,
 )
 from .model.mais import MEMORY_PREFIX, MAISModel
+from .model.memory_attention import MemoryAttention
+from .sysinfo import available_memory_bytes
 
 FORMAT = "maissegment-checkpoint"
 FORMAT_VERSION = 1
+# A legacy (pre-zip, ``_use_new_zipfile_serialization=False``) torch file starts with a pickle (protocol 2-5) of
+# torch's magic number: this long opcode appears within its first bytes. Anything neither zip nor this is not a
+# PyTorch checkpoint, whatever its first byte.
+_LEGACY_MAGIC = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+_HEAD_BYTES = 32
+# Bounds of a stored configuration: every integer field lies in [1, _MAX_CONFIG_INT] (these may be 0), so that
+# even a meta-device sketch of the network has sane shapes. 2^24 is far above any real width or depth.
+_MAX_CONFIG_INT = 1 << 24
+_ZERO_ALLOWED = {"window_size", "num_multimask_outputs"}
+_CONFIG_SECTIONS = {
+    "image_encoder": ImageEncoderConfig,
+    "prompt_encoder": PromptEncoderConfig,
+    "mask_decoder": MaskDecoderConfig,
+    "memory": MemoryConfig,
+}
 
 
 # NumPy scalars (``np.float64(0.7)``) pickle as ``<numpy core>.multiarray.scalar``: ``numpy.core`` when the
@@ -133,32 +156,69 @@ def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> Any:
     if size == 0:
         raise CheckpointError(f"checkpoint {p} is empty (0 bytes); download or copy it again")
     with open(p, "rb") as fh:
-        head = fh.read(8)
+        head = fh.read(_HEAD_BYTES)
     if not zipfile.is_zipfile(p):
         if head.startswith(b"PK"):
             raise CheckpointError(f"checkpoint {p} is truncated or corrupt ({size} bytes); download or copy it again")
-        if not head.startswith(b"\x80"):  # legacy (non-zip) torch files start with a pickle opcode
+        if not _is_legacy_torch_file(head):
             kind = _guess_kind(head)
-            raise CheckpointError(f"{p} is not a PyTorch checkpoint ({kind}); pick the .pth/.pt weight file")
+            raise CheckpointError(
+                f"{p} is not a PyTorch checkpoint at all ({kind}: neither a zip archive nor a pickled torch file); "
+                "pick the .pth/.pt weight file"
+            )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if trusted:
             return _load_trusted(p)
-        try:
-            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(p) if not _allowed(g)]
-        except Exception:  # only used to improve the message
-            unsafe = []
-        detail = f" ({', '.join(unsafe[:5])})" if unsafe else f" ({str(exc).splitlines()[0][:200]})"
+        unsafe = _unsafe_globals(p)
+        if not unsafe:  # refused for another reason than its classes: the pickle itself is damaged
+            raise CheckpointError(
+                f"checkpoint {p} is damaged: its content cannot be read as weights ({_unpickler_detail(exc)}); "
+                "download or copy it again"
+            ) from None
         raise UntrustedCheckpointError(
-            f"checkpoint {p} contains Python objects that are not plain data{detail}. Loading it could run "
-            "code; if you trust where it came from, load it again with trusted=True (CLI: --trust-checkpoint)"
+            f"checkpoint {p} contains Python objects that are not plain data ({', '.join(unsafe[:5])}). Loading it "
+            "could run code; if you trust where it came from, load it again with trusted=True "
+            "(CLI: --trust-checkpoint)"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:  # damaged data can make the weights-only unpickler fail in any way
         raise CheckpointError(
-            f"checkpoint {p} is truncated or corrupt ({str(exc).splitlines()[0][:200]}); download or copy it again"
+            f"checkpoint {p} is truncated or corrupt ({_first_line(exc)}); download or copy it again"
         ) from None
+
+
+def _is_legacy_torch_file(head: bytes) -> bool:
+    """Whether the first bytes of a (non-zip) file are those of a legacy ``torch.save``: a pickle whose first
+    object is torch's magic number."""
+    return head.startswith(b"\x80") and _LEGACY_MAGIC in head
+
+
+def _unsafe_globals(p: pathlib.Path) -> list[str]:
+    """The classes/functions a checkpoint's pickle needs beyond the allow-list ([] when it cannot tell)."""
+    try:
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(p) if not _allowed(g)]
+    except Exception:  # a damaged file: nothing to report
+        return []
+
+
+def _unpickler_detail(exc: BaseException) -> str:
+    """What torch's weights-only unpickler actually objected to (e.g. ``Unsupported operand 205``), without the
+    surrounding advice to retry with ``weights_only=False`` (wrong for a damaged file)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        lines = [ln.strip() for ln in text.split(marker, 1)[1].splitlines() if ln.strip()]
+        if lines:
+            return lines[0][:200]
+    return _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _load_trusted(p: pathlib.Path) -> Any:
@@ -295,6 +355,151 @@ def infer_config(sd: dict[str, torch.Tensor], memory: MemoryConfig | None = None
         ) from None
 
 
+# ------------------------------------------------------------------------- configurations from files
+def _check_config_value(where: str, name: str, default: Any, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` has the JSON type of the field's ``default`` and a sane range."""
+    what = f"{where}.{name}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what} must be true or false, not {value!r:.60}")
+    elif isinstance(default, int):
+        low = 0 if name in _ZERO_ALLOWED else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= _MAX_CONFIG_INT:
+            raise ConfigError(f"{what} must be an integer from {low} to {_MAX_CONFIG_INT}, not {value!r:.60}")
+    elif isinstance(default, float):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or not 0 < value <= _MAX_CONFIG_INT:
+            raise ConfigError(f"{what} must be a positive number, not {value!r:.60}")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{what} must be text, not {value!r:.60}")
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_CONFIG_INT for v in value
+        )
+        if not ok or len(value) > _MAX_CONFIG_INT:
+            raise ConfigError(f"{what} must be a list of block indices (integers >= 0), not {value!r:.60}")
+
+
+def parse_stored_config(raw: Any) -> ModelConfig:
+    """Check a configuration stored in a checkpoint (``ModelConfig.to_dict()`` form) and build it.
+
+    Every section must be an object (``memory`` may be null), every field must have its field's type (integers
+    in [1, 2^24], a few may be 0; positive finite numbers; text; true/false; lists of block indices).
+
+    Raises:
+        ConfigError: not an object, a section not an object, a wrongly typed or out-of-range field, unknown
+        fields, or an inconsistent combination (:class:`ModelConfig` checks).
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"it is {type(raw).__name__} {raw!r:.60}, not an object of sections")
+    for section, cls in _CONFIG_SECTIONS.items():
+        values = raw.get(section, {})
+        if values is None and section == "memory":
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section} must be an object, not {values!r:.60}")
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                _check_config_value(section, f.name, f.default, values[f.name])
+    return ModelConfig.from_dict(raw)
+
+
+_MLP_WIDTH = "image_encoder MLP width (embed_dim x mlp_ratio)"
+
+
+def _shape_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The configuration values that fix the backbone's tensor shapes (those :func:`infer_config` reads back),
+    normalised so that equal shapes give equal values (a window covering the whole grid is global attention)."""
+    enc, dec = cfg.image_encoder, cfg.mask_decoder
+    windowed = enc.window_size > cfg.grid_size
+    return {
+        "image_encoder.img_size": enc.img_size,
+        "image_encoder.patch_size": enc.patch_size,
+        "image_encoder.in_chans": enc.in_chans,
+        "image_encoder.embed_dim": enc.embed_dim,
+        "image_encoder.depth": enc.depth,
+        "image_encoder.num_heads": enc.num_heads,
+        _MLP_WIDTH: int(enc.embed_dim * enc.mlp_ratio),
+        "image_encoder.window_size": enc.window_size if windowed else 0,
+        "image_encoder.global_attn_indexes": tuple(enc.global_attn_indexes) if windowed else (),
+        "image_encoder.out_chans": enc.out_chans,
+        "prompt_encoder.mask_in_chans": cfg.prompt_encoder.mask_in_chans,
+        "mask_decoder.num_multimask_outputs": dec.num_multimask_outputs,
+        "mask_decoder.iou_head_depth": dec.iou_head_depth,
+        "mask_decoder.iou_head_hidden_dim": dec.iou_head_hidden_dim,
+        "mask_decoder.transformer_depth": dec.transformer_depth,
+        "mask_decoder.transformer_mlp_dim": dec.transformer_mlp_dim,
+        "mask_decoder.attention_downsample_rate": dec.attention_downsample_rate,
+    }
+
+
+def _memory_sketch(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """State dict (``memory_attention.*`` keys) of the memory attention ``cfg`` describes, on the meta device:
+    shapes only, no memory allocated. Empty when ``cfg`` has no memory."""
+    if cfg.memory is None:
+        return {}
+    with torch.device("meta"):
+        module = MemoryAttention(cfg.embed_dim, cfg.memory)
+    return {MEMORY_PREFIX + k: v for k, v in module.state_dict().items()}
+
+
+def check_config_matches_weights(cfg: ModelConfig, sd: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse a stored configuration that does not describe the tensors in its own file.
+
+    The backbone configuration is compared with the one read off the weights' shapes (:func:`infer_config`),
+    and the memory attention's shapes (when the file has its weights) with a meta-device sketch, so a file
+    that claims a bigger network than it holds is refused before anything is built.
+
+    Raises:
+        CheckpointError: the weights are not in SAM-Med3D's layout, or differ from the configuration (the
+        message names the fields).
+    """
+    claimed, found = _shape_fields(cfg), _shape_fields(infer_config(sd))
+    found[_MLP_WIDTH] = sd["image_encoder.blocks.0.mlp.lin1.weight"].shape[0]  # exact (the inferred ratio is rounded)
+    diffs = [f"{k} {v} in the configuration, {found[k]} in the weights" for k, v in claimed.items() if v != found[k]]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {where} stores a model configuration that does not match its own weights "
+            f"({'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}); the file is damaged or was edited. "
+            "Nothing was built"
+        )
+    memory = {k: v for k, v in sd.items() if k.startswith(MEMORY_PREFIX)}
+    if memory:
+        try:
+            check_state_dict(_memory_sketch(cfg), memory)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"checkpoint {where} stores a memory configuration that does not match its own memory weights: "
+                f"{str(exc).split(': ', 1)[-1]}"
+            ) from None
+
+
+def estimated_model_bytes(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> int:
+    """Bytes of float32 parameters the network of ``cfg`` will hold, given that its backbone matches the
+    backbone tensors of ``sd`` (:func:`check_config_matches_weights`): those tensors' element count plus the
+    memory attention's (from a meta-device sketch, so this allocates nothing)."""
+    backbone = sum(t.numel() for k, t in sd.items() if not k.startswith(MEMORY_PREFIX))
+    memory = sum(t.numel() for t in _memory_sketch(cfg).values())
+    return 4 * (backbone + memory)
+
+
+def check_fits_in_memory(cfg: ModelConfig, sd: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse to build a network whose weights alone would not fit in the memory available now.
+
+    Raises:
+        CheckpointError: the estimate (:func:`estimated_model_bytes`) exceeds the available memory.
+    """
+    need = estimated_model_bytes(cfg, sd)
+    avail = available_memory_bytes()
+    if avail is not None and need > avail:
+        raise CheckpointError(
+            f"the network of checkpoint {where} needs {need / 2**30:.1f} GiB for its weights but only "
+            f"{avail / 2**30:.1f} GiB of memory is available; close other programs or use a machine with more "
+            "memory (if the file should be small, it is damaged)"
+        )
+
+
 def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> None:
     """Raise :class:`CheckpointError` naming every missing/unexpected key and wrong shape."""
     missing = [k for k in expected if k not in given]
@@ -363,11 +568,13 @@ def build_model(
     report = LoadReport(source, path=str(checkpoint))
     if "_note" in meta:
         report.notes.append(meta["_note"])
+    from_file = cfg is None  # the configuration comes from the file: bound it before building
     if source == "maissegment":
         try:
-            stored = ModelConfig.from_dict(meta.get("config") or {})
+            stored = parse_stored_config({} if meta.get("config") is None else meta["config"])
         except ConfigError as exc:
             raise CheckpointError(f"checkpoint {checkpoint} stores an invalid model configuration: {exc}") from None
+        check_config_matches_weights(stored, sd, str(checkpoint))
         if cfg is None:
             cfg = stored
         report.model_id, report.version = meta.get("model_id"), meta.get("version")
@@ -382,7 +589,9 @@ def build_model(
     elif cfg is None:
         cfg = infer_config(sd, memory=MemoryConfig())
         report.notes.append("configuration read from the checkpoint's shapes")
-    model = MAISModel(cfg)
+    if from_file:
+        check_fits_in_memory(cfg, sd, str(checkpoint))
+    model = _build_network(cfg, str(checkpoint)) if from_file else MAISModel(cfg)
     expected = model.state_dict()
     has_memory_weights = any(k.startswith(MEMORY_PREFIX) for k in sd)
     if model.has_memory and not has_memory_weights:
@@ -398,6 +607,15 @@ def build_model(
     model.load_state_dict(sd, strict=False)  # every key and shape was checked above
     model.load_report = report
     return model.to(dev).eval()
+
+
+def _build_network(cfg: ModelConfig, where: str) -> MAISModel:
+    """The network of a configuration read from a file; one that the network's parts refuse (e.g. a head count
+    that does not divide a width) is a :class:`CheckpointError`."""
+    try:
+        return MAISModel(cfg)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"checkpoint {where} stores an invalid model configuration: {exc}") from None
 
 
 def save_checkpoint(

@@ -11,9 +11,11 @@ import collections
 import gzip
 import os
 import pickle
+import random
 import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch
 
 from conftest import TINY
 from MAISSegmentLib import CheckpointError, MAISError, UntrustedCheckpointError, build_model, save_checkpoint
+from MAISSegmentLib import checkpoint as checkpoint_module
 from MAISSegmentLib.checkpoint import FORMAT, FORMAT_VERSION, state_dict_sha256
 from MAISSegmentLib.model.config import MemoryConfig, get_preset
 from MAISSegmentLib.model.mais import MEMORY_PREFIX
@@ -405,6 +408,109 @@ def test_trusted_file_whose_code_is_gone(tmp_path, ref_sd, monkeypatch):
     with pytest.raises(CheckpointError, match=name) as info:
         build_model(TINY_PRESET, checkpoint=path, trusted=True)
     assert not isinstance(info.value, UntrustedCheckpointError)
+
+
+@pytest.mark.parametrize("prefix", [b"\x80", b"\x80\x02"])  # the first bytes of a pickle
+@pytest.mark.parametrize("seed", [0, 1, 2, 5])
+def test_random_bytes_are_not_a_checkpoint_at_all(tmp_path, prefix, seed):
+    path = tmp_path / "random.pth"
+    path.write_bytes(prefix + random.Random(seed).randbytes(5000))
+    msg = expect_error(path, "is not a PyTorch checkpoint at all", "neither a zip archive nor a pickled torch file")
+    assert "trust" not in msg
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_damaged_pickle_inside_the_zip_is_corrupt_not_unsafe(tmp_path, ref_sd, seed):
+    good = tmp_path / "good.pth"
+    torch.save({"model_state_dict": ref_sd}, good)
+    bad = tmp_path / "bad.pth"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w", compression=zipfile.ZIP_STORED) as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            garbage = b"\x80\x02" + random.Random(seed).randbytes(len(data))  # still starts like a pickle
+            zout.writestr(name, garbage if name.endswith(".pkl") else data)
+    with pytest.raises(CheckpointError, match=r"damaged|corrupt") as info:
+        build_model(TINY_PRESET, checkpoint=bad)
+    assert not isinstance(info.value, UntrustedCheckpointError) and "trust" not in str(info.value)
+
+
+def stored_payload(tmp_path: Path, drop_memory: bool = False) -> dict:
+    """The payload of a saved tiny MAISSegment checkpoint (config, weights, recorded SHA-256), to edit and save."""
+    _, path, _ = saved_model(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    if drop_memory:
+        payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if not k.startswith(MEMORY_PREFIX)}
+        payload["sha256"] = state_dict_sha256(payload["state_dict"])
+    return payload
+
+
+def forbid_building(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on any construction of the network fails the test: a refusal must come before any allocation."""
+
+    def refuse(cfg):
+        raise AssertionError(f"a network was built (image encoder {cfg.image_encoder})")
+
+    monkeypatch.setattr(checkpoint_module, "MAISModel", refuse)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "fragments"),
+    [
+        (
+            "image_encoder",
+            "embed_dim",
+            24576,
+            ["image_encoder.embed_dim 24576 in the configuration, 96 in the weights"],
+        ),
+        ("image_encoder", "depth", 100_000, ["image_encoder.depth 100000 in the configuration, 2 in the weights"]),
+        ("mask_decoder", "transformer_mlp_dim", 1 << 20, ["mask_decoder.transformer_mlp_dim 1048576"]),
+        ("memory", "mlp_dim", 1 << 20, ["memory configuration that does not match its own memory weights", "mlp"]),
+    ],
+)
+def test_stored_config_that_lies_about_its_size_is_refused_before_building(
+    tmp_path, monkeypatch, section, field, value, fragments
+):
+    payload = stored_payload(tmp_path)
+    payload["config"][section][field] = value
+    torch.save(payload, tmp_path / "liar.pth")
+    forbid_building(monkeypatch)
+    expect_error(tmp_path / "liar.pth", "does not match its own", *fragments, preset=None)
+
+
+def test_network_bigger_than_the_available_memory_is_refused_before_building(tmp_path, monkeypatch):
+    payload = stored_payload(tmp_path, drop_memory=True)  # no memory weights: that part is sized by the config
+    torch.save(payload, tmp_path / "fits.pth")
+    payload["config"]["memory"]["mlp_dim"] = 1 << 24  # ~1.6e9 memory-attention parameters, 6 GiB
+    torch.save(payload, tmp_path / "huge.pth")
+    monkeypatch.setattr(checkpoint_module, "available_memory_bytes", lambda: 1 << 30)
+    assert build_model(None, checkpoint=tmp_path / "fits.pth").load_report.memory_attention == "fresh"
+    forbid_building(monkeypatch)
+    msg = expect_error(
+        tmp_path / "huge.pth", "needs ", "GiB for its weights", "1.0 GiB of memory is available", preset=None
+    )
+    needed = float(msg.split("needs ")[1].split(" GiB")[0])
+    assert 5.5 < needed < 7.0  # 4 bytes x (1.25 M backbone + 1.6 G memory-attention parameters)
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda c: [1, 2], "it is list"),
+        (lambda c: "sam-med3d-vit-b", "it is str"),
+        (lambda c: {**c, "image_encoder": 5}, "image_encoder must be an object"),
+        (lambda c: {**c, "mask_decoder": {**c["mask_decoder"], "iou_head_hidden_dim": -32}}, "from 1 to"),
+        (lambda c: {**c, "image_encoder": {**c["image_encoder"], "mlp_ratio": "4"}}, "must be a positive number"),
+        (lambda c: {**c, "image_encoder": {**c["image_encoder"], "exact_fast_windows": "yes"}}, "true or false"),
+        (lambda c: {**c, "image_encoder": {**c["image_encoder"], "global_attn_indexes": ["1"]}}, "block indices"),
+        (lambda c: {**c, "memory": {**c["memory"], "capacity": 1.5}}, "memory.capacity must be an integer"),
+        (lambda c: {**c, "mask_decoder": {**c["mask_decoder"], "transformer_num_heads": 7}}, "not divisible"),
+    ],
+)
+def test_malformed_stored_config_is_a_clean_error(tmp_path, edit, fragment):
+    payload = stored_payload(tmp_path)
+    payload["config"] = edit(payload["config"])
+    torch.save(payload, tmp_path / "bad_config.pth")
+    expect_error(tmp_path / "bad_config.pth", "stores an invalid model configuration", fragment, preset=None)
 
 
 # ---------------------------------------------------------------------------------- 4. error types
