@@ -6,6 +6,7 @@ These run on a fresh clone (the weights and the sample case are in the repositor
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -62,14 +63,38 @@ def test_demo_runs_on_the_default_model(tmp_path: Path):
     assert any(f.endswith("_slices.png") for f in files)
 
 
-def test_release_keeps_the_recorded_training_facts_when_the_log_is_gone(tmp_path: Path):
-    """``scripts/register_builtin_model.py``: a re-release of the same weight file without its training log keeps
-    the training paragraph of that file's card; a card of another file, or none, gives nothing."""
+def register_script():
+    """``scripts/register_builtin_model.py`` as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("register_builtin_model", REPO / "scripts/register_builtin_model.py")
     reg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reg)
+    return reg
+
+
+def repeated_sentences(text: str) -> list[str]:
+    """Sentences or clauses (split at . ; ! ? and parentheses) of more than 40 characters that occur twice."""
+    parts = [p.strip() for p in re.split(r"[.;!?]\s+|[()]", text) if len(p.strip()) > 40]
+    return [p for p, n in Counter(parts).items() if n > 1]
+
+
+def test_model_card_repeats_nothing_and_re_releases_do_not_repeat_the_copied_note(default_entry, tmp_path: Path):
+    card = RESOURCES / "models" / f"{default_entry.id}.md"
+    assert repeated_sentences(card.read_text(encoding="utf-8")) == []
+    reg = register_script()
+    released = tmp_path / "card.md"
+    released.write_text(f"`{'ab' * 32}`\n\nRun as released: 2600 steps (log: `x.csv`).\n")
+    for _ in range(3):  # three releases of the same weights without the training log
+        facts = reg.recorded_training_facts(released, "ab" * 32)
+        released.write_text(f"`{'ab' * 32}`\n\n{facts}\n")
+    assert facts.count(reg.COPIED_NOTE) == 1 and repeated_sentences(released.read_text()) == []
+
+
+def test_release_keeps_the_recorded_training_facts_when_the_log_is_gone(tmp_path: Path):
+    """``scripts/register_builtin_model.py``: a re-release of the same weight file without its training log keeps
+    the training paragraph of that file's card; a card of another file, or none, gives nothing."""
+    reg = register_script()
     card = tmp_path / "card.md"
     assert reg.recorded_training_facts(card, "ab" * 32) is None
     card.write_text(f"| SHA-256 of the file | `{'ab' * 32}` |\n\nRun as released: 2600 steps (log: `x.csv`).\n")

@@ -36,6 +36,7 @@ LICENSE = (
     "research / non-commercial use only (derived from training data under CC BY-NC-SA and research-only "
     "terms; see the model card). MAISSegment's code is Apache-2.0."
 )
+COPIED_NOTE = "the log is no longer here, so this paragraph is copied from this file's earlier card"
 TRAINED_ON = (
     "train split of the project's shared data: ACDC, LA 2018, OpenKBP, IBSI sarcoma, BraTS 2013, DeepLesion "
     "(173 volumes, 625 targets)"
@@ -75,7 +76,8 @@ def recorded_training_facts(card: Path, file_sha: str) -> str | None:
 
     Training logs live in ``runs/`` and are lost with the machine; a later release of the same weights (new
     figures after a change of the session's defaults, say) keeps the paragraph measured from the log when it
-    was there, instead of writing "not found"."""
+    was there, instead of writing "not found". The note saying so is added once: a paragraph that already
+    carries it (a card that was itself released without the log) is kept as it is."""
     if not card.exists():
         return None
     text = card.read_text()
@@ -83,8 +85,9 @@ def recorded_training_facts(card: Path, file_sha: str) -> str | None:
         return None  # a card of other weights: its training facts are not these
     for line in text.splitlines():
         if line.startswith("Run as released:"):
-            note = "the log is no longer here, so this paragraph is copied from this file's earlier card"
-            return line[:-2] + f"; {note})." if line.endswith(").") else line + f" ({note})."
+            if COPIED_NOTE in line:
+                return line
+            return line[:-2] + f"; {COPIED_NOTE})." if line.endswith(").") else line + f" ({COPIED_NOTE})."
     return None
 
 
