@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
+
+import pytest
 
 from conftest import TESTING
 from MAISSegmentLib.data import list_targets
@@ -32,3 +35,23 @@ def test_evaluation_protocol_is_shipped_and_its_example_is_the_result_file_of_th
     assert built == example  # same fields, same nesting: the documented file is the one `mais evaluate` writes
     threshold = inspect.signature(list_targets).parameters["min_volume_mm3"].default
     assert f"smaller than {threshold:g} mm³" in text  # the documented threshold is the code's
+
+
+def test_readme_lint_commands_are_those_of_the_test_script():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    script = (REPO / "scripts" / "test.sh").read_text(encoding="utf-8").splitlines()
+    lint = re.findall(r"`(\.venv/bin/ruff [^`]*)`", readme)
+    assert lint and all(command in script for command in lint), lint
+
+
+def test_readme_pip_extras_install_this_checkout_and_exist():
+    """MAISSegment is not published on PyPI: an extra is installed from the checkout, and must exist."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    commands = re.findall(r"`pip install ([^`]*\[[^`]*)`", readme)
+    assert commands
+    for command in commands:
+        target = command.split()[-1].strip("\"'")
+        assert target.startswith(".["), command
+        assert set(target[2:-1].split(",")) <= set(extras), command

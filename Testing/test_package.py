@@ -6,6 +6,8 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
 from conftest import TESTING
 
 LIB = TESTING.parent / "MAISSegmentLib"
@@ -44,8 +46,7 @@ def test_import_is_light():
 
 def test_every_subpackage_is_in_the_wheel():
     """pyproject.toml lists the packages (Resources/ is mapped into the package): a new subpackage must be added."""
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     listed = set(tomllib.loads((TESTING.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(LIB.parent).parts) for p in LIB.rglob("__init__.py")}
     assert found <= listed and "MAISSegmentLib._resources" in listed
