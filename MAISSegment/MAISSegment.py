@@ -61,6 +61,7 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 MIN_TORCH_VERSION = "2.5"  # torch.serialization.safe_globals, used by MAISSegmentLib.checkpoint
 DEVICES = ("auto", "cpu", "cuda", "mps")  # MAISSegmentLib.devices.DEVICE_CHOICES
 OVERWRITE_MODES = ("none", "visible", "all")  # MAISSegmentLib.mrml_bridge.OVERWRITE_MODES
+DEFAULT_MAX_LIVE_SESSIONS = 8  # segments whose session stays in memory (the others replay their clicks when used)
 DEFAULT_UNDO_BUDGET_BYTES = 256 * 2**20  # undo history kept for all segments together (oldest dropped first)
 SAME_POSITION_MM = 1e-3  # two clicks closer than this (mm, per axis) on the same side are the same click
 INCLUDE_COLOR = (0.20, 0.80, 0.30)  # include (+) points: green
@@ -508,7 +509,14 @@ def _add_state_points(state: dict, include_node: Any, exclude_node: Any) -> None
 
 
 def _same_mask(a: Any, b: Any) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+    """Whether two protected masks (``PackedMask`` or bool arrays, or None) hold the same voxels."""
+    if a is None or b is None:
+        return a is None and b is None
+    if hasattr(a, "equals"):
+        return a.equals(b)
+    if hasattr(b, "equals"):
+        return b.equals(a)
+    return np.array_equal(a, b)
 
 
 def _defined_points(nodes: dict[bool, Any]) -> dict[tuple[bool, str], dict[str, Any]]:
@@ -618,6 +626,7 @@ class _Target:
     rewrite_allowed: bool = False  # the user agreed that the next update rewrites the whole segment (other weights)
     replace_allowed: bool = False  # the user agreed that voxels drawn elsewhere before the first update are replaced
     busy: bool = False  # an update is being computed on the worker: its session must not be read meanwhile
+    used: float = 0.0  # time.monotonic() of its last update (the least recently used sessions are dropped first)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -712,6 +721,8 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         self.segment_editor_node = None
         self._requirements_file: str | None = None  # default: Resources/requirements.txt (see requirements_path)
         self._targets: dict[tuple[str, str, str], _Target] = {}
+        self._volumes: dict[str, tuple[tuple, Any]] = {}  # volume node ID -> (modification stamp, shared Volume)
+        self.max_live_sessions = DEFAULT_MAX_LIVE_SESSIONS  # sessions kept in memory (least recently used dropped)
         self._model = None
         self._model_key: tuple | None = None
         self._model_choice: dict[str, Any] = {"model_id": "", "checkpoint": None, "device": "auto", "trusted": False}
@@ -1341,7 +1352,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
                 return 0
         except mb.BridgeError:
             pass  # a damaged state is not a session: count the voxels
-        return int(np.count_nonzero(mb.read_segment(segmentation_node, segment_id, volume_node)))
+        return mb.count_segment_voxels(segmentation_node, segment_id, volume_node)
 
     def can_undo(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> bool:
         target = self._target(segmentation_node, segment_id, volume_node, create=False)
@@ -1354,6 +1365,37 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
     def clear(self) -> None:
         """Forget every session (scene closed). Their states stay in the segments' tags."""
         self._targets.clear()
+        self._volumes.clear()
+
+    def _volume(self, volume_node: Any) -> Any:
+        """The node's voxels as one read-only ``Volume`` shared by every session on it (copied once per change of the
+        node's image or geometry, not once per segment)."""
+        image = volume_node.GetImageData()
+        stamp = (
+            volume_node.GetMTime(),
+            0 if image is None else image.GetMTime(),
+            0
+            if image is None or image.GetPointData().GetScalars() is None
+            else image.GetPointData().GetScalars().GetMTime(),
+        )
+        cached = self._volumes.get(volume_node.GetID())
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        volume = _bridge().volume_from_node(volume_node)
+        volume.array.flags.writeable = False
+        self._volumes[volume_node.GetID()] = (stamp, volume)
+        return volume
+
+    def _drop_idle_sessions(self, keep: _Target) -> int:
+        """Keep at most ``max_live_sessions`` sessions in memory: the least recently used others are dropped (their
+        clicks are in their segments' tags; the next point there replays them). Returns how many were dropped."""
+        live = [t for t in self._targets.values() if t.session is not None and t is not keep and not t.busy]
+        excess = len(live) + 1 - self.max_live_sessions
+        dropped = 0
+        for target in sorted(live, key=lambda t: t.used)[: max(0, excess)]:
+            target.session, target.undo, target.redo = None, [], []
+            dropped += 1
+        return dropped
 
     def _node(self, target: _Target, node_id: str | None) -> Any:
         return target.scene.GetNodeByID(node_id) if node_id else None
@@ -1435,7 +1477,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             self.use_memory, self.memory_size = options
         volume = state = None
         if target.session is None:
-            volume = mb.volume_from_node(volume_node)
+            volume = self._volume(volume_node)
             try:
                 state = mb.load_state(segmentation_node, segment_id)
             except mb.BridgeError as exc:
@@ -1650,6 +1692,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         """
         target = outcome.target
         target.busy = False
+        target.used = time.monotonic()
         record = None
         if outcome.session is not target.session:
             if outcome.steps == 0 and outcome.rewrite is False and target.session is not None:
@@ -1681,6 +1724,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         self._store_state(target)
         target.protection_stamp = self._protection_stamp(target)
         result = self._result(target, outcome.action, record, outcome.seconds, outcome.encoder_runs, outcome.rejected)
+        self._drop_idle_sessions(target)
         result.undo_dropped = self._trim_undo()
         if request is not None and request.started:
             result.total_seconds = time.perf_counter() - request.started
@@ -2073,7 +2117,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             include_node, exclude_node = self.get_point_lists(segmentation_node, segment_id)
         model = self.ensure_model()
         t0 = time.perf_counter()
-        volume = mb.volume_from_node(volume_node)
+        volume = self._volume(volume_node)
         protected = mb.protected_mask(segmentation_node, segment_id, volume_node, self._overwrite_mode())
         from MAISSegmentLib.segment_edits import BoxedMask, SegmentEdits
         from MAISSegmentLib.session import state_weights_match

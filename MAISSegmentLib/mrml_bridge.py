@@ -398,6 +398,61 @@ def _read(segmentation: Any, segment_id: str, grid: _Grid, box: Box) -> np.ndarr
     return _read_layer(segment.GetRepresentation(_labelmap_name()), segment.GetLabelValue(), grid, box)
 
 
+def _labels_in(data: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """Bool: where ``data`` (a layer's voxels) holds one of ``labels``; one pass (a lookup table for 8-bit layers)."""
+    if data.dtype == np.uint8:
+        table = np.zeros(256, dtype=bool)
+        table[[v for v in labels if 0 <= v < 256]] = True
+        return table[data]
+    if len(labels) == 1:
+        return data == labels[0]
+    return np.isin(data, labels)
+
+
+def _read_union(segmentation: Any, segment_ids: Sequence[str], grid: _Grid, box: Box) -> np.ndarray:
+    """Bool ``box.shape_kji``: voxels of ``box`` in any of the segments. Segments sharing a layer (a labelmap with
+    many labels, as TotalSegmentator's results are) are read in one pass over that layer, not one per segment."""
+    out = np.zeros(box.shape_kji, dtype=bool)
+    if box.empty:
+        return out
+    layers: dict[int, tuple[Any, list[int]]] = {}
+    for segment_id in segment_ids:
+        segment = segmentation.GetSegment(segment_id)
+        layer = segment.GetRepresentation(_labelmap_name())
+        if layer is None:
+            continue
+        layers.setdefault(id(layer), (layer, []))[1].append(int(segment.GetLabelValue()))
+    for layer, labels in layers.values():
+        if _extent_empty(layer.GetExtent()) or layer.GetPointData().GetScalars() is None:
+            continue
+        offset = _lattice_offset(layer, grid)
+        if offset is None:  # another lattice: resampled per label (rare; read-only use)
+            for label in labels:
+                out |= _read_layer(layer, label, grid, box)
+            continue
+        region = _region(layer, offset, box)
+        if region is not None:
+            out[region[1]] |= _labels_in(_image_array(layer)[region[0]], labels)
+    return out
+
+
+def count_segment_voxels(segmentation_node: Any, segment_id: str, reference_volume_node: Any) -> int:
+    """Voxels of the segment on the reference grid, counted over its layer's extent only (no full-grid array)."""
+    segmentation = _segmentation(segmentation_node)
+    segment = _segment(segmentation, segment_id, segmentation_node)
+    grid = _reference_grid(segmentation_node, reference_volume_node)
+    layer = segment.GetRepresentation(_labelmap_name())
+    if layer is None or _extent_empty(layer.GetExtent()) or layer.GetPointData().GetScalars() is None:
+        return 0
+    offset = _lattice_offset(layer, grid)
+    if offset is None:
+        return int(np.count_nonzero(_read(segmentation, segment_id, grid, grid.box)))
+    region = _region(layer, offset, grid.box)
+    if region is None:
+        return 0
+    return int(np.count_nonzero(_image_array(layer)[region[0]] == segment.GetLabelValue()))
+
+
 def read_segment(segmentation_node: Any, segment_id: str, reference_volume_node: Any) -> np.ndarray:
     """The segment's binary labelmap on the reference volume's grid, ``uint8`` KJI (1 inside).
 
@@ -481,10 +536,7 @@ def protected_mask(
     _segment(segmentation, segment_id, segmentation_node)
     grid = _reference_grid(segmentation_node, reference_volume_node)
     protected, _ = _split_others(segmentation_node, segment_id, overwrite)
-    mask = np.zeros(grid.shape_kji, dtype=bool)
-    for other in protected:
-        mask |= _read(segmentation, other, grid, grid.box)
-    return mask
+    return _read_union(segmentation, protected, grid, grid.box)
 
 
 def overwrite_mode_from_editor_node(segment_editor_node: Any) -> str:
@@ -805,8 +857,7 @@ def write_mask(
         return record
     protected_ids, overwritable = _split_others(segmentation_node, segment_id, overwrite)
     allowed = np.ones(box.shape_kji, dtype=bool) if editable is None else editable[box.slices].astype(bool)
-    for other in protected_ids:
-        allowed &= ~_read(segmentation, other, grid, box)
+    allowed &= ~_read_union(segmentation, protected_ids, grid, box)
     new = mask[box.slices] > 0
     old = _read(segmentation, segment_id, grid, box)
     if edits is not None:

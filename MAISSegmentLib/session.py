@@ -37,6 +37,7 @@ import torch
 from .errors import ConfigError, ImageError, PromptError
 from .memory import MemoryBank
 from .model.mais import MAISModel
+from .packed_mask import PackedMask
 from .roi import Box, Roi, positive_roi_range, roi_logits_on_grid, sample_roi
 from .sysinfo import check_fits_in_memory
 from .volume import Volume, as_point3
@@ -350,7 +351,7 @@ class InteractiveSession:
         report = getattr(model, "load_report", None)
         self.model_id = model_id or (report.model_id if report and report.model_id else None) or "unknown"
         self.image: Volume | None = None
-        self.protected: np.ndarray | None = None
+        self.protected: PackedMask | None = None  # voxels never to include (KJI), one bit per voxel
         self._mask: np.ndarray | None = None
         self._clicks: list[Click] = []
         self._rois: list[_RoiState] = []
@@ -610,13 +611,14 @@ class InteractiveSession:
         if self.image is None:
             raise PromptError("no image: call set_image(volume) first")
 
-    def _check_protected(self, protected: np.ndarray | None, volume: Volume) -> np.ndarray | None:
+    def _check_protected(self, protected: Any, volume: Volume) -> PackedMask | None:
+        """The protected voxels as a :class:`PackedMask` (one bit per voxel), checked against the image's shape."""
         if protected is None:
             return None
-        prot = np.asarray(protected)
-        if prot.shape != volume.array.shape:
+        prot = protected if isinstance(protected, PackedMask) else np.asarray(protected)
+        if tuple(prot.shape) != tuple(volume.array.shape):
             raise ImageError(f"the protected mask has shape {prot.shape} but the image is {volume.array.shape} (KJI)")
-        return prot.astype(bool)
+        return prot if isinstance(prot, PackedMask) else PackedMask(prot)
 
     def _make_click(self, point: Sequence[float], include: bool, space: str) -> Click:
         if space not in ("ras", "ijk"):

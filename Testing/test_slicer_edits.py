@@ -154,3 +154,49 @@ def test_undo_history_stays_within_the_scene_budget(started):
     s.logic.undo(*s.target)
     assert np.array_equal(arrays(s)["target"], after_first)
     assert not s.logic.can_undo(*s.target)
+
+
+def test_sessions_share_one_read_only_volume_and_idle_ones_are_dropped(started):
+    """Every segment's session on a volume uses the same read-only copy of its voxels; beyond max_live_sessions the
+    least recently used session is dropped and its next point replays its clicks from the segment's tag (same
+    mask)."""
+    s = started
+    first = s.logic.session(*s.target)
+    assert not first.image.array.flags.writeable
+    other = (s.seg, s.ids["other"], s.volume)
+    include, exclude = s.logic.get_point_lists(*other[:2])
+    s.T.place(include, s.T.ras((12, 12, 8)))
+    s.logic.max_live_sessions = 1
+    s.logic.on_points_changed(*other, include, exclude)
+    assert s.logic.session(*other).image is first.image  # one copy for both segments
+    assert s.logic.session(*s.target) is None  # dropped (least recently used)
+    s.include, s.exclude = s.logic.get_point_lists(*s.target[:2])
+    s.T.place(s.include, s.T.ras((31, 25, 20)))
+    result = s.logic.on_points_changed(*s.target, s.include, s.exclude)
+    assert result.action == "add" and result.clicks == 2  # the stored click was replayed, then the new one added
+    assert np.array_equal(arrays(s)["target"].astype(bool), s.logic.session(*s.target).mask > 0)
+
+
+def test_protection_reads_segments_sharing_a_layer_in_one_pass(mrml):
+    """protected_mask / write_mask with many segments in one shared labelmap layer (a TotalSegmentator result): the
+    union is exactly the segments' voxels."""
+    import slicer
+
+    from MAISSegmentLib import mrml_bridge as mb
+
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    slicer.util.updateVolumeFromArray(volume, np.zeros((12, 14, 16), np.int16))
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    labels = np.zeros((12, 14, 16), np.uint8)
+    labels[:, :, :] = (np.arange(16) % 8)[None, None, :]
+    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    slicer.util.updateVolumeFromArray(labelmap, labels)
+    slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, seg)
+    ids = [seg.GetSegmentation().GetNthSegmentID(n) for n in range(seg.GetSegmentation().GetNumberOfSegments())]
+    assert len(ids) == 7 and len({seg.GetSegmentation().GetLayerIndex(i) for i in ids}) == 1  # one shared layer
+    protected = mb.protected_mask(seg, ids[0], volume, "none")
+    expected = labels > 0
+    expected[labels == seg.GetSegmentation().GetSegment(ids[0]).GetLabelValue()] = False
+    assert np.array_equal(protected, expected)
+    assert mb.count_segment_voxels(seg, ids[1], volume) == int(np.count_nonzero(mb.read_segment(seg, ids[1], volume)))
