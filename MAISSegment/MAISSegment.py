@@ -692,6 +692,8 @@ class ModelChoice:
     usable: bool  # its weight file is here and verified by size (SHA-256 at load)
     download_url: str | None = None  # registered with a URL and not here yet: it can be downloaded
     size_bytes: int | None = None
+    verification: str = ""  # how its file is checked (``ModelEntry.verification_text``), e.g. "unverified (first
+    # download records the hash)"
 
 
 class MAISSegmentLogic(ScriptedLoadableModuleLogic):
@@ -926,6 +928,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
                 e.status in ("bundled", "cached", "imported"),
                 e.url if e.builtin and e.url and e.status in ("not downloaded", "damaged") else None,
                 e.size_bytes,
+                e.verification_text,
             )
             for e in weights.list_models()
         ]
@@ -2738,6 +2741,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 for choice in self.logic.available_models():
                     combo.addItem(choice.label, choice.id)
+                    combo.setItemData(combo.count - 1, choice.verification, qt.Qt.ToolTipRole)
                     self._modelChoices[choice.id] = choice
             except Exception as exc:  # e.g. a damaged user_models.json: say so, keep the module usable
                 self._setStatus(_("Cannot list the models: {error}").format(error=exc))
@@ -2775,8 +2779,8 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         size = f" ({choice.size_bytes / 2**20:.0f} MiB)" if choice.size_bytes else ""
         if not slicer.util.confirmOkCancelDisplay(
-            _("Download the model '{model}'{size} from\n{url}\ninto the weight cache now?").format(
-                model=modelId, size=size, url=choice.download_url
+            _("Download the model '{model}'{size} from\n{url}\ninto the weight cache now?\n\nChecksum: {check}").format(
+                model=modelId, size=size, url=choice.download_url, check=choice.verification or _("unknown")
             ),
             _("MAISSegment: download model"),
         ):

@@ -1022,6 +1022,12 @@ def test_download_a_registered_model_from_the_module(scene, module, monkeypatch,
         choices = {c.id: c for c in s.logic.available_models()}
         assert not choices["remote-tiny"].usable and choices["remote-tiny"].download_url == entry["url"]
         assert choices["remote-tiny"].size_bytes == len(body) and "not downloaded" in choices["remote-tiny"].label
+        assert choices["remote-tiny"].verification == "verified (SHA-256 in the registry)"
+        unverified = {**entry, "id": "remote-unverified", "sha256": None}
+        registry.write_text(json.dumps({"version": 1, "default": None, "models": [entry, broken, unverified]}))
+        listed = {c.id: c for c in s.logic.available_models()}["remote-unverified"]
+        assert listed.verification == "unverified (first download records the hash)"
+        registry.write_text(json.dumps({"version": 1, "default": None, "models": [entry, broken]}))
 
         s.logic.select_model(model_id="remote-tiny")
         target = (s.seg, s.ids["target"], s.volume)
