@@ -95,7 +95,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .io import read_volume
     from .markups import read_markups_points
-    from .session import MAX_CLICKS, InteractiveSession, SessionOptions
+    from .session import MAX_CLICKS, InteractiveSession, SessionOptions, parse_state
 
     out = Path(args.out)
     if not out.name.endswith(_SEGMENT_OUTPUTS):
@@ -117,7 +117,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     clicks += [_parse_point(t) for t in args.point]
     if not clicks and not args.resume:
         raise PromptError("no clicks: give --include/--exclude point lists or --point R,A,S,+")
-    resumed = len(state["clicks"]) if isinstance(state.get("clicks") if state else None, list) else 0
+    resumed = len(parse_state(state)[1]) if state is not None else 0  # a malformed state fails here, before work
     if resumed + len(clicks) > MAX_CLICKS:
         raise PromptError(
             f"{resumed + len(clicks)} clicks given ({resumed} resumed, {len(clicks)} new); one object takes at most "
@@ -127,7 +127,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     model = build_model(None, checkpoint=checkpoint, device=args.device, trusted=args.trust_checkpoint)
     print(f"model: {model.load_report.summary()}", file=sys.stderr)
     if state is not None:
-        session = InteractiveSession.from_state(model, volume, state)
+        session = InteractiveSession.from_state(model, volume, state, progress=_replay_progress)
         print(f"resumed {len(session.clicks)} click(s) from {args.resume}", file=sys.stderr)
     else:
         options = SessionOptions(use_memory=not args.no_memory and model.has_memory, memory_size=args.memory_size)
@@ -150,6 +150,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 # --out endings of `mais segment`: a Slicer segmentation, else a label map
 _SEGMENT_OUTPUTS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")
+
+
+def _replay_progress(done: int, total: int) -> None:
+    """Progress of a resumed session's replay on stderr: about every tenth of a long replay."""
+    if total >= 20 and (done % max(1, total // 10) == 0 or done == total):
+        print(f"replaying the saved clicks: {done}/{total}", file=sys.stderr)
 
 
 def _read_state(path: str) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import ConfigError, MAISError
 from .fileutil import atomic_write
-from .io import read_volume, resample_label_map
+from .io import read_geometry, read_volume, resample_label_map
 from .roi import resample_to_ras_grid
 from .volume import Volume
 
@@ -331,7 +331,9 @@ class Target:
     volume_mm3: float = field(default=0.0, compare=False)
 
 
-def list_targets(cases: Iterable[Case], min_volume_mm3: float = 10.0) -> tuple[list[Target], list[dict]]:
+def list_targets(
+    cases: Iterable[Case], min_volume_mm3: float = 10.0, check_geometry: bool = True
+) -> tuple[list[Target], list[dict]]:
     """The evaluation targets of ``cases``: every label value present in each label map.
 
     The label maps decide which values exist. A value smaller than ``min_volume_mm3`` (voxel count × voxel
@@ -340,18 +342,24 @@ def list_targets(cases: Iterable[Case], min_volume_mm3: float = 10.0) -> tuple[l
     Args:
         cases: the cases (each label map is read once).
         min_volume_mm3: smallest foreground volume that makes a target (EVALUATION.md: 10 mm³).
+        check_geometry: also check that every label map lies on its image (:func:`check_label_inside_image`, with
+            the image's header only), so a misplaced label map fails here, before any training or evaluation.
 
     Returns:
         ``(targets, skipped)``: targets in case order then label order; skipped ones as
         ``{"case": id, "label": value, "name": name, "reason": text}``.
 
     Raises:
-        ImageError: a label map cannot be read. DataError: it holds negative or non-integer values.
+        ImageError: a label map (or, with ``check_geometry``, an image header) cannot be read. DataError: a label
+            map holds negative or non-integer values, or (``check_geometry``) labelled voxels outside its image.
     """
     targets, skipped = [], []
     for case in cases:
         volume = read_volume(case.label)
-        counts = _label_voxel_counts(case.label, volume)
+        labels = _label_array(case.label, volume)
+        if check_geometry:
+            check_label_inside_image(case, read_geometry(case.image), volume, labels)
+        counts = _voxel_counts(labels)
         voxel_mm3 = float(abs(np.linalg.det(volume.ijk_to_ras[:3, :3])))
         for value in sorted(counts.keys() | case.labels.keys()):
             name = case.labels.get(value, f"label_{value}")
@@ -369,7 +377,11 @@ def list_targets(cases: Iterable[Case], min_volume_mm3: float = 10.0) -> tuple[l
 
 def _label_voxel_counts(path: Path, volume: Volume | None = None) -> dict[int, int]:
     """``{value: voxel count}`` of the non-zero values of a label map (read from ``path`` unless given)."""
-    array = _label_array(path, read_volume(path) if volume is None else volume)
+    return _voxel_counts(_label_array(path, read_volume(path) if volume is None else volume))
+
+
+def _voxel_counts(array: np.ndarray) -> dict[int, int]:
+    """``{value: voxel count}`` of the non-zero values of a non-negative integer array."""
     if array.size and array.max() <= 65535:  # the common case (uint8/int16 maps): one fast pass
         counts = np.bincount(array.ravel().astype(np.int64, copy=False))
         return {int(v): int(counts[v]) for v in np.flatnonzero(counts) if v > 0}
@@ -513,17 +525,17 @@ def check_label_inside_image(case: Case, image: Volume, label_volume: Volume, la
     to_image = image.ras_to_ijk @ label_volume.ijk_to_ras  # label IJK -> image IJK
     upper = np.asarray(image.shape_ijk, dtype=np.float64)  # voxel centres 0..n-1, +-1 voxel of tolerance -> -1..n
     outside, total, farthest = 0, 0, 0.0
-    spacing = float(np.max(image.spacing))
     step = max(1, _MAX_CHUNK_VOXELS // max(1, labels.shape[1] * labels.shape[2]))
     for k0 in range(0, labels.shape[0], step):
         k, j, i = np.nonzero(labels[k0 : k0 + step])
         if k.size == 0:
             continue
         ijk = np.stack([i, j, k + k0], axis=1).astype(np.float64) @ to_image[:3, :3].T + to_image[:3, 3]
-        excess = np.maximum(np.maximum(-1.0 - ijk, ijk - upper), 0.0).max(axis=1)  # in image voxels
+        excess = np.maximum(np.maximum(-1.0 - ijk, ijk - upper), 0.0) * image.spacing  # mm beyond, per axis
+        distance = np.linalg.norm(excess, axis=1)
         total += k.size
-        outside += int(np.count_nonzero(excess > 1e-6))
-        farthest = max(farthest, float(excess.max()) * spacing)
+        outside += int(np.count_nonzero(distance > 1e-6))
+        farthest = max(farthest, float(distance.max()))
     if outside:
         raise DataError(
             f"case {case.id!r}: {outside:,} of the {total:,} labelled voxels of {case.label} lie outside the image "

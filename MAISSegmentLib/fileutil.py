@@ -102,8 +102,9 @@ def writable_problem(path: str | os.PathLike, folder: bool = False) -> str | Non
 
     Checked without writing anything the user would see: the path must not be a folder (unless ``folder``) nor an
     existing read-only file (its write permission bits are all off: someone protected it), and its nearest existing
-    folder must be a folder we can create a file in (tried with a hidden probe file that is removed at once, so
-    permissions, ACLs and read-only mounts all count). A missing folder on the way is fine: the writers create it.
+    folder must be a folder we may create files in (``os.access``: permissions, ACLs and read-only mounts count;
+    nothing is written, so even the folder's modification time stays). A missing folder on the way is fine: the
+    writers create it.
 
     Args:
         path: the file (or, with ``folder``, the folder) to be written.
@@ -122,13 +123,8 @@ def writable_problem(path: str | os.PathLike, folder: bool = False) -> str | Non
         parent = parent.parent
     if not parent.is_dir():
         return f"cannot create {p}: {parent} is a file, not a folder"
-    probe = _temporary_name(parent / "write-probe")
-    try:
-        probe.touch(exist_ok=False)
-    except OSError as exc:
-        return f"cannot write into the folder {parent}: {exc.strerror or exc}"
-    with contextlib.suppress(OSError):
-        probe.unlink()
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write into the folder {parent}: no permission, or a read-only drive"
     return None
 
 

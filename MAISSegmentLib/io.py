@@ -42,6 +42,7 @@ from .volume import Volume
 __all__ = [
     "DEFAULT_SEGMENT_COLORS",
     "Segment",
+    "read_geometry",
     "read_segmentation",
     "read_volume",
     "resample_label_map",
@@ -295,7 +296,29 @@ def read_volume(path: PathLike) -> Volume:
     return volume_from_sitk(image, source=path)
 
 
-def _read_image_file(path: Path) -> sitk.Image:
+def read_geometry(path: PathLike) -> Volume:
+    """An image's voxel grid without its voxels: cheap (the header only) for files, a full read for DICOM folders.
+
+    Returns:
+        A :class:`Volume` with the file's ``ijk_to_ras`` whose ``array`` is a read-only zero array of the right
+        shape that takes no memory (``np.broadcast_to``); use it for geometry only.
+
+    Raises:
+        ImageError: as :func:`read_volume` for a missing or unreadable file, a 2-D/4-D or multi-component image, or a
+            NIfTI header with a zero, negative or non-numeric voxel size.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return read_volume(path)
+    reader, image_io = _read_image_information(path)
+    if image_io == "NiftiImageIO" and (header := _read_nifti_header(path)) is not None:
+        _check_nifti_spacing(path, header)
+    size_i, size_j, size_k = reader.GetSize()[:3]
+    return Volume(np.broadcast_to(np.uint8(0), (size_k, size_j, size_i)), _ijk_to_ras_from_sitk(reader))
+
+
+def _read_image_information(path: Path) -> tuple[sitk.ImageFileReader, str | None]:
+    """A reader of ``path`` with its header read and checked (3-D scalar); ``(reader, ITK ImageIO name or None)``."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     image_io = _IMAGE_IO_BY_EXTENSION.get(_extension(path, _IMAGE_IO_BY_EXTENSION))
@@ -320,6 +343,12 @@ def _read_image_file(path: Path) -> sitk.Image:
             sitk.GetPixelIDValueAsString(reader.GetPixelID()),
             str(path),
         )
+    return reader, image_io
+
+
+def _read_image_file(path: Path) -> sitk.Image:
+    reader, image_io = _read_image_information(path)
+    size = reader.GetSize()
     header = _read_nifti_header(path) if image_io == "NiftiImageIO" else None
     if header is not None:
         # ITK silently turns a zero spacing into 1 mm and fills a file that ends early with zeros: catch both here.
