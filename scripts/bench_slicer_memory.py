@@ -162,24 +162,23 @@ def main(argv=None) -> int:
             peak_rss_mb=round(peak_rss_mb(), 1),
             rss_after_mb=round(rss_mb(), 1),
             undo_bytes=undo_bytes(logic),
+            clicks_applied=sum(len(t.session.clicks) for t in logic._targets.values() if t.session is not None),
             live_sessions=sum(t.session is not None for t in logic._targets.values()),
         )
     else:
         import slicer
 
         labels = np.zeros(shape, np.uint8)
-        cells = int(np.ceil(args.others ** (1 / 3)))
+        cells = int(np.ceil((args.others + 1) ** (1 / 3)))  # a grid of cells, one free for the target
+        free = tuple(n // 2 * cells // n for n in shape)  # the cell holding the volume's centre
         value = 0
-        for a in range(cells):
-            for b in range(cells):
-                for c in range(cells):
-                    value += 1
-                    if value > args.others:
-                        break
-                    sk, sj, si = (
-                        slice(int(x * n / cells) + 2, int((x + 1) * n / cells) - 2) for x, n in zip((a, b, c), shape)
-                    )
-                    labels[sk, sj, si] = value
+        for cell in np.ndindex(cells, cells, cells):
+            if cell == free or value >= args.others:
+                continue
+            value += 1
+            box = tuple(slice(int(x * n / cells) + 2, int((x + 1) * n / cells) - 2) for x, n in zip(cell, shape))
+            labels[box] = value
+        centre_kji = [(x + 0.5) * n / cells for x, n in zip(free, shape)]
         labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
         labelmap.SetIJKToRASMatrix(volume_node_matrix(volume_node))
         slicer.util.updateVolumeFromArray(labelmap, labels)
@@ -187,7 +186,7 @@ def main(argv=None) -> int:
         del labels
         target = segmentation.GetSegmentation().AddEmptySegment("target", "target")
         include, _exclude = logic.get_point_lists(segmentation, target)
-        centre = random_ras()
+        centre = (ijk_to_ras @ np.array([*centre_kji[::-1], 1.0]))[:3]  # the free cell's centre, RAS
         main_thread, worker = [], []
         for c in range(args.points):
             m, w = click(logic, segmentation, target, volume_node, include, centre + (rng.normal(0, 6, 3) if c else 0))
@@ -201,6 +200,7 @@ def main(argv=None) -> int:
                     for s in segmentation.GetSegmentation().GetSegmentIDs()
                 }
             ),
+            clicks=sum(len(t.session.clicks) for t in logic._targets.values() if t.session is not None),
             first_point_main_thread_ms=round(1000 * main_thread[0], 1),
             later_points_main_thread_median_ms=round(1000 * statistics.median(main_thread[1:]), 1),
             later_points_worker_median_ms=round(1000 * statistics.median(worker[1:]), 1),
