@@ -7,6 +7,7 @@ in a temporary folder; the folder's files (bytes, modification times, permission
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
@@ -22,6 +23,7 @@ import pytest
 
 from conftest import TINY
 from MAISSegmentLib.cli import main
+from MAISSegmentLib.fileutil import atomic_write_many, same_file
 from MAISSegmentLib.io import write_volume
 from MAISSegmentLib.markups import write_markups_points
 from MAISSegmentLib.volume import Volume
@@ -351,3 +353,50 @@ def test_state_may_be_saved_back_to_the_resumed_file(capsys: pytest.CaptureFixtu
     assert len(saved["clicks"]) == 1 and len(again["clicks"]) == 2
     assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no temporary file left
     capsys.readouterr()
+
+
+def test_a_failing_state_write_leaves_no_segmentation(
+    capsys: pytest.CaptureFixture, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails only while writing (a full disk) after the clicks: neither --out nor --state appears."""
+    real_fsync = os.fsync
+
+    def disk_full_for_the_state(fd: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".s.json."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full_for_the_state)
+    before = snapshot(root)
+    args = ["segment", "--image", "image.nii.gz", "--checkpoint", "model.pth", "--device", "cpu"]
+    code = main([*args, "--point", "10,-5,20,+", "--out", "out.seg.nrrd", "--state", "s.json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "click 1" in out, err[-2000:]
+    assert re.search(r"^mais: error: cannot write .*No space left on device; nothing was written$", err, re.M), err
+    assert snapshot(root) == before  # no out.seg.nrrd, no s.json, no temporary file
+
+
+@pytest.mark.skipif(not hasattr(os, "link"), reason="no hard links here")
+def test_same_file_sees_through_links_and_dots(tmp_path: Path) -> None:
+    (tmp_path / "a.nii.gz").write_bytes(b"x")
+    (tmp_path / "sym.nii.gz").symlink_to(tmp_path / "a.nii.gz")
+    os.link(tmp_path / "a.nii.gz", tmp_path / "hard.nii.gz")
+    (tmp_path / "b.nii.gz").write_bytes(b"x")
+    for other in ("sym.nii.gz", "hard.nii.gz", "sub/../a.nii.gz"):
+        assert same_file(tmp_path / "a.nii.gz", tmp_path / other), other
+    assert not same_file(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz")  # equal bytes, another file
+    assert same_file(tmp_path / "new.json", tmp_path / "." / "new.json")  # neither exists yet: same path
+
+
+def test_atomic_write_many_replaces_all_or_nothing(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("old a")
+
+    def fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(errno.EIO, "input/output error")
+
+    with pytest.raises(OSError, match="input/output error"):
+        atomic_write_many([(tmp_path / "a.txt", lambda t: t.write_text("new a"), ""), (tmp_path / "b.txt", fail, "")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"
+    atomic_write_many([(tmp_path / "a.txt", lambda t: t.write_text("new a"), "")])
+    assert (tmp_path / "a.txt").read_text() == "new a"

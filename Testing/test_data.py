@@ -16,12 +16,13 @@ from MAISSegmentLib.data import (
     DataError,
     PreprocessCache,
     Target,
+    label_on_image_grid,
     list_targets,
     load_cases,
     preprocess_case,
 )
 from MAISSegmentLib.errors import MAISError
-from MAISSegmentLib.io import read_volume, write_volume
+from MAISSegmentLib.io import read_volume, resample_label_map, write_volume
 from MAISSegmentLib.volume import Volume
 
 SHARED_MANIFEST = Path(__file__).resolve().parents[2] / "shared/data/manifest.json"
@@ -365,6 +366,43 @@ def test_label_map_must_match_its_image(tmp_path: Path, case: Case) -> None:
     write_volume(far, tmp_path / "far_lab.nii.gz")
     with pytest.raises(DataError, match="lie outside the image"):
         preprocess_case(Case("far", case.image, tmp_path / "far_lab.nii.gz"))
+
+
+def _label_on_grid(tmp_path: Path, case: Case, ijk_to_ras: np.ndarray, shape_kji: tuple[int, int, int]) -> Case:
+    """``case`` with its label map resampled (nearest) onto another grid and saved: the same labels in RAS."""
+    original = read_volume(case.label)
+    grid = Volume(np.zeros(shape_kji, np.uint8), ijk_to_ras)
+    moved = grid.with_array(resample_label_map(original, grid))
+    write_volume(moved, tmp_path / "moved_lab.nii.gz")
+    return Case("moved", case.image, tmp_path / "moved_lab.nii.gz", case.labels)
+
+
+def test_label_map_on_another_grid_is_resampled_onto_the_image(tmp_path: Path, case: Case) -> None:
+    # the image's grid grown by 2 voxels on every side: nearest-neighbour resampling there and back is exact
+    image = read_volume(case.image)
+    grown = image.ijk_to_ras.copy()
+    grown[:3, 3] = image.ijk_to_ras_points(np.array([[-2.0, -2.0, -2.0]]))[0]
+    moved = _label_on_grid(tmp_path, case, grown, tuple(n + 4 for n in SHAPE_KJI))
+    assert read_volume(moved.label).array.shape != image.array.shape
+    labels = label_on_image_grid(moved, image, read_volume(moved.label))
+    np.testing.assert_array_equal(labels, read_volume(case.label).array)
+    assert {t.label for t in list_targets([moved])[0]} == {1, 2}
+
+
+@pytest.mark.parametrize("shift_mm", [10_000.0, 25.0])
+def test_label_map_outside_its_image_is_refused_by_every_reader(tmp_path: Path, case: Case, shift_mm: float) -> None:
+    # 10 m away on the same grid shape (evaluate used to score it as if aligned), or 25 mm off (partly outside)
+    image = read_volume(case.image)
+    moved_grid = image.ijk_to_ras.copy()
+    moved_grid[:3, 3] += shift_mm
+    write_volume(Volume(read_volume(case.label).array, moved_grid), tmp_path / "moved_lab.nii.gz")
+    moved = Case("moved", case.image, tmp_path / "moved_lab.nii.gz", case.labels)
+    with pytest.raises(DataError, match=r"labelled voxels of .* lie outside the image"):
+        label_on_image_grid(moved, image, read_volume(moved.label))
+    with pytest.raises(DataError, match="lie outside the image"):
+        list_targets([moved])  # (mais train, evaluate and fewshot list their targets before any work)
+    with pytest.raises(DataError, match="lie outside the image"):
+        preprocess_case(moved)
 
 
 # ---------------------------------------------------------------------------------------------------- shared data

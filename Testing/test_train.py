@@ -12,6 +12,7 @@ from helpers.synthetic_training import ddp_config, first_gradients, sphere_sampl
 
 from conftest import TESTING, TINY
 from MAISSegmentLib import build_model
+from MAISSegmentLib.errors import ConfigError
 from MAISSegmentLib.train import LR_MEMORY_FRESH, param_groups, resolve_lr_memory, run_episode, simulate_click, train
 
 
@@ -170,3 +171,32 @@ def test_learning_rate_schedule():
     assert [lr_factor(paper, s) for s in (0, 128, 129, 179, 180)] == [1.0, 1.0, 0.1, 0.1, pytest.approx(0.01)]
     warm = tiny_config(steps=200, warmup_steps=10)
     assert lr_factor(warm, 0) == 0.1 and lr_factor(warm, 4) == 0.5 and lr_factor(warm, 9) == 1.0
+
+
+def test_resume_after_a_crash_between_checkpoints_logs_each_step_once(tmp_path):
+    cfg = tiny_config(steps=2, checkpoint_every=2, batch_size=1)
+    train(cfg, sphere_sample, tmp_path / "r", progress=False, log=lambda s: None, stop_at_step=1)  # checkpoint: 1
+    log = tmp_path / "r" / "log.csv"
+    first = log.read_text().splitlines()[1]
+    with open(log, "a") as fh:  # what a crash after the checkpoint leaves: a logged step 2 and half a step 3
+        fh.write("2" + first[1:] + "\r\n3,0.4")
+    messages = []
+    train(cfg, sphere_sample, tmp_path / "r", resume=True, progress=False, log=messages.append)
+    rows = log.read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"] and rows[1] == first
+    assert any("dropped 2 row(s) after step 1" in m for m in messages)
+
+
+def test_a_folder_with_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "log.csv").write_text("step,loss\n1,0.5\n")
+    with pytest.raises(ConfigError, match=r"already holds a run \(log\.csv\); continue it with --resume"):
+        train(tiny_config(steps=1), sphere_sample, run, progress=False, log=lambda s: None)
+    assert sorted(p.name for p in run.iterdir()) == ["log.csv"]
+    messages = []
+    train(tiny_config(steps=1), sphere_sample, run, progress=False, log=messages.append, overwrite=True)
+    (backup,) = [p for p in run.iterdir() if p.name.startswith("previous-")]
+    assert (backup / "log.csv").read_text() == "step,loss\n1,0.5\n"  # the old run is kept, not deleted
+    assert (run / "model.pth").is_file() and (run / "log.csv").read_text().count("\n") == 2
+    assert any(str(backup) in m for m in messages)

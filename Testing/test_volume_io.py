@@ -620,3 +620,93 @@ def test_image_larger_than_available_memory_is_refused_before_reading(tmp_path, 
     monkeypatch.setattr(sysinfo, "available_memory_bytes", lambda: 10_000)
     with pytest.raises(ImageError, match="crop or downsample"):
         read_volume(path)
+
+
+# ============================================================================ NIfTI values ITK hides
+def _float_nifti(path: Path, dtype=np.float32, bad=(np.nan, np.inf)) -> None:
+    """A float NIfTI whose voxels include ``bad`` values and zeros."""
+    array = np.arange(3 * 4 * 5, dtype=dtype).reshape(3, 4, 5)
+    for n, value in enumerate(bad):
+        array.flat[7 + n] = value
+    write_volume(Volume(array, np.eye(4)), path)
+
+
+@pytest.mark.parametrize("name", ["nan.nii", "nan.nii.gz"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nifti_nan_and_inf_voxels_are_refused(tmp_path, name, dtype):
+    # ITK's NIfTI reader would hand them back as 0: the image would look valid and be segmented as it is
+    path = tmp_path / name
+    _float_nifti(path, dtype)
+    assert np.count_nonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(path))) == 0) == 3  # the hazard is real
+    with pytest.raises(ImageError, match=r"has 2 NaN/Inf voxels .*replace them"):
+        read_volume(path)
+
+
+def test_float_nifti_with_zeros_but_no_nan_reads(tmp_path):
+    _float_nifti(tmp_path / "ok.nii.gz", bad=())
+    assert read_volume(tmp_path / "ok.nii.gz").array.flat[0] == 0
+
+
+def _nifti_with_pixdim(path: Path, value: float) -> None:
+    """A NIfTI-1 file (gzip-compressed if the name says so) whose pixdim[2], the voxel size along j, is ``value``."""
+    plain = path.with_name("plain.nii")
+    write_volume(Volume.from_geometry(np.zeros((3, 4, 5), np.int16), (0.8, 0.9, 2.5), (0.0, 0.0, 0.0)), plain)
+    raw = bytearray(plain.read_bytes())
+    assert np.frombuffer(raw[84:88], "<f4")[0] == np.float32(0.9)  # the field is where the standard puts it
+    raw[84:88] = np.array([value], "<f4").tobytes()
+    plain.unlink()
+    path.write_bytes(gzip.compress(bytes(raw)) if path.name.endswith(".gz") else bytes(raw))
+
+
+@pytest.mark.parametrize("name", ["bad.nii", "bad.nii.gz"])
+@pytest.mark.parametrize("value", [0.0, -0.9, float("nan"), float("inf")])
+def test_nifti_zero_negative_or_nan_voxel_size_is_refused(tmp_path, name, value):
+    # ITK reads a zero (or NaN) voxel size as 1 mm and a negative one as a flip: every distance would be wrong
+    path = tmp_path / name
+    _nifti_with_pixdim(path, value)
+    with pytest.raises(ImageError, match=rf"voxel size of \(0\.8, {value:g}, 2\.5\) mm .*positive"):
+        read_volume(path)
+    with pytest.raises(ImageError, match="voxel size"):
+        mio.read_geometry(path)
+
+
+def _write_empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _write_gzip_named_nii(path: Path) -> None:
+    write_volume(oblique_volume(), path.with_name("real.nii.gz"))
+    path.write_bytes(path.with_name("real.nii.gz").read_bytes())
+
+
+def _write_nrrd_named_nifti(path: Path) -> None:
+    write_volume(oblique_volume(), path.with_name("real.nrrd"))
+    path.write_bytes(path.with_name("real.nrrd").read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "hint"),
+    [
+        ("empty.nii.gz", _write_empty, r"the file is empty \(0 bytes\): copy it again"),  # here it is the cause
+        ("notes.nii.gz", _write_text, r"it holds text, not an image"),
+        ("notes.nrrd", _write_text, r"it holds text, not an image"),
+        ("image.nii", _write_gzip_named_nii, r"gzip-compressed file, not NIfTI: rename it to \.nii\.gz"),
+        ("image.nii", _write_nrrd_named_nifti, r"a NRRD file, not NIfTI: rename it to \.nrrd"),
+    ],
+)
+def test_unreadable_file_messages_say_what_the_file_is(tmp_path, name, make, hint):
+    # not "copy it again" (but for an empty file): copying a text file or a misnamed image again changes nothing
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(ImageError, match=hint) as info:
+        read_volume(path)
+    assert "copy it again" not in str(info.value) or name.startswith("empty")
+
+
+@pytest.mark.parametrize("extension", [".nii.gz", ".nrrd", ".mha"])
+def test_read_geometry_matches_read_volume_without_the_voxels(tmp_path, extension):
+    path = tmp_path / f"image{extension}"
+    write_volume(oblique_volume(shape_kji=(6, 7, 9)), path)
+    full, header_only = read_volume(path), mio.read_geometry(path)
+    assert header_only.array.shape == full.array.shape and header_only.array.strides == (0, 0, 0)
+    np.testing.assert_allclose(header_only.ijk_to_ras, full.ijk_to_ras)
