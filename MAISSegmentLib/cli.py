@@ -101,6 +101,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if not out.name.endswith(_SEGMENT_OUTPUTS):
         raise PromptError(f"--out {out}: use a .seg.nrrd (segmentation) or .nii.gz/.nrrd (label map) file name")
     SessionOptions(memory_size=args.memory_size)  # refuses a bank size before anything is read
+    if not args.label_name.strip():
+        raise PromptError("--label-name must not be empty: it is the segment's name in Slicer")
     resolve_device(args.device)
     checkpoint = _model_checkpoint(args, "no model: mais segment")
     inputs = [("--image", args.image), ("--include", args.include), ("--exclude", args.exclude)]
@@ -253,11 +255,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .evaluate import GrowCutMethod, ModelMethod, evaluate, parse_clicks, plot_results, result_document
     from .fileutil import atomic_write_many
-    from .session import MAX_CLICKS, SessionOptions
+    from .session import SessionOptions
 
     clicks = parse_clicks(args.clicks)
-    if clicks[-1] > MAX_CLICKS:
-        raise ConfigError(f"--clicks {args.clicks}: at most {MAX_CLICKS} clicks per target (the session's limit)")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names or len(set(names)) != len(names):
         raise PromptError(f"--methods {args.methods!r}: give distinct methods, e.g. mais,no-memory,growcut")

@@ -31,7 +31,7 @@ from .errors import ConfigError
 from .fileutil import atomic_write
 from .model.mais import MAISModel
 from .roi import Roi
-from .session import InteractiveSession, SessionOptions
+from .session import MAX_CLICKS, InteractiveSession, SessionOptions
 from .volume import Volume
 
 RESULT_VERSION = 1
@@ -106,13 +106,15 @@ class GrowCutMethod:
 
 
 def parse_clicks(text: str | Sequence[int]) -> list[int]:
-    """``"1,5,10,20"`` -> ``[1, 5, 10, 20]`` (sorted, unique, >= 1)."""
+    """``"1,5,10,20"`` -> ``[1, 5, 10, 20]`` (sorted, unique, 1 to :data:`~MAISSegmentLib.session.MAX_CLICKS`)."""
     try:
         values = sorted({int(x) for x in (text.split(",") if isinstance(text, str) else text)})
     except ValueError:
         raise ConfigError(f"--clicks {text!r}: give click counts like 1,5,10,20") from None
     if not values or values[0] < 1:
         raise ConfigError("--clicks: click counts must be >= 1")
+    if values[-1] > MAX_CLICKS:
+        raise ConfigError(f"--clicks {text}: at most {MAX_CLICKS} clicks per target (an object's limit in a session)")
     return values
 
 

@@ -103,7 +103,7 @@ def _check_config(cfg: TrainConfig) -> None:
     Raises:
         ConfigError: naming the setting, its value and what is allowed.
     """
-    from .session import SessionOptions  # the memory bank bound of interactive use applies to training too
+    from .session import MAX_CLICKS, SessionOptions  # the bounds of interactive use apply to training too
 
     for name in _POSITIVE_COUNTS:
         value = getattr(cfg, name)
@@ -121,6 +121,10 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"weight_decay must be zero or a positive number, got {cfg.weight_decay!r}")
     if not all(_positive_number(m) and m <= 1 for m in cfg.milestones):
         raise ConfigError(f"milestones must be fractions of the steps in (0, 1], got {cfg.milestones!r}")
+    if cfg.episode_clicks > MAX_CLICKS:
+        raise ConfigError(
+            f"episode_clicks (--episode-clicks) {cfg.episode_clicks}: at most {MAX_CLICKS}, an object's click limit"
+        )
     if cfg.loss_size > cfg.crop_size:
         raise ConfigError(f"loss_size {cfg.loss_size} (--loss-size) exceeds the crop size {cfg.crop_size}")
     try:

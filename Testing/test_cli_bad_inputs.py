@@ -214,6 +214,7 @@ SEGMENT_CASES = [
     ("nifti-negative-spacing", nifti_images, ["--image", "{d}/negative.nii.gz"], r"voxel size of \(-2, "),
     ("nifti-nan-spacing", nifti_images, ["--image", "{d}/nanspacing.nii.gz"], r"voxel size of \(nan, "),
     ("image-is-text", nifti_images, ["--image", "{d}/notes.nii.gz"], r"holds text, not an image"),
+    ("empty-label-name", None, ["--label-name", " "], r"--label-name must not be empty"),
 ]
 
 
@@ -289,6 +290,7 @@ TRAIN_CASES = [
     ("negative-warmup", None, ["--warmup-steps", "-5"], r"warmup_steps .* >= 0"),
     ("negative-time-limit", None, ["--time-limit", "-1"], r"--time-limit must be zero or a positive"),
     ("cases-0", None, ["--cases", "0"], r"--cases must be at least 1"),
+    ("episode-clicks-501", None, ["--episode-clicks", "501"], r"episode_clicks .* at most 500"),
     ("device-cpu-x", None, ["--device", "cpu:x"], r"device number"),
     ("out-is-a-file", None, ["--out", "{d}/image.nii.gz"], r"is a file, not a folder"),
     ("existing-run", existing_run, [], r"already holds a run .*continue it with --resume, or start again with --over"),
@@ -324,6 +326,7 @@ def test_train_refuses(
 FEWSHOT_CASES = [
     ("cases-0", None, ["--cases", "0,1"], r"numbers of training cases must be >= 1"),
     ("negative-lr", None, ["--lr-prompt-decoder", "-1"], r"positive learning rate"),
+    ("clicks-501", None, ["--clicks", "1,501"], r"at most 500 clicks per target"),
     ("existing-results", few_shot_results, [], r"already holds few-shot results \(fewshot\.json\).*--overwrite"),
     ("out-is-manifest-folder-file", None, ["--out", "{d}/manifest.json"], r"is a file, not a folder"),
 ]
