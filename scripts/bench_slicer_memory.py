@@ -101,6 +101,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="300,512,512", help="synthetic volume K,J,I")
     parser.add_argument("--preset", default="mais-small")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--live-sessions", type=int, default=0, help="sessions kept in memory (0: the module's default)"
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -122,6 +125,8 @@ def main(argv=None) -> int:
     with stubs.installed():
         module = stubs.load_module_file(stubs.MODULE_FILE, "MAISSegment_bench_memory")
     logic = module.MAISSegmentLogic()
+    if args.live_sessions:
+        logic.max_live_sessions = args.live_sessions
     torch.manual_seed(0)
     network = build_model(args.preset)
     ball_masks(network, 20.0)
