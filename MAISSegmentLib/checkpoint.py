@@ -41,6 +41,7 @@ from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, UntrustedCheckpointError
 from .fileutil import atomic_write
 from .model.config import (
+    FullResConfig,
     ImageEncoderConfig,
     MaskDecoderConfig,
     MemoryConfig,
@@ -48,6 +49,7 @@ from .model.config import (
     PromptEncoderConfig,
     get_preset,
 )
+from .model.fullres_head import FULLRES_PREFIX, FullResHead
 from .model.mais import MEMORY_PREFIX, MAISModel
 from .model.memory_attention import MemoryAttention
 from .sysinfo import available_memory_bytes
@@ -68,7 +70,10 @@ _CONFIG_SECTIONS = {
     "prompt_encoder": PromptEncoderConfig,
     "mask_decoder": MaskDecoderConfig,
     "memory": MemoryConfig,
+    "fullres": FullResConfig,
 }
+_OPTIONAL_SECTIONS = ("memory", "fullres")  # may be null: the part is absent
+_OPTIONAL_PREFIXES = (MEMORY_PREFIX, FULLRES_PREFIX)  # parts that may be missing from a file (they start fresh)
 
 
 # NumPy scalars (``np.float64(0.7)``) pickle as ``<numpy core>.multiarray.scalar``: ``numpy.core`` when the
@@ -116,6 +121,7 @@ class LoadReport:
         path: the checkpoint file, if any.
         model_id, version: from a MAISSegment checkpoint.
         memory_attention: ``"loaded"``, ``"fresh"`` (randomly initialised, untrained) or ``"absent"``.
+        fullres_head: the full-resolution mask path, likewise (``"fresh"`` outputs the decoder's logits upsampled).
         sha256: content hash of the loaded weights (MAISSegment format).
         notes: anything the user should know (stripped prefixes, inferred configuration...).
     """
@@ -125,6 +131,7 @@ class LoadReport:
     model_id: str | None = None
     version: str | None = None
     memory_attention: str = "fresh"
+    fullres_head: str = "absent"
     sha256: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -306,8 +313,11 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def infer_config(sd: dict[str, torch.Tensor], memory: MemoryConfig | None = None) -> ModelConfig:
-    """Read the backbone configuration off a SAM-Med3D-layout state dict (shapes only).
+def infer_config(
+    sd: dict[str, torch.Tensor], memory: MemoryConfig | None = None, fullres: FullResConfig | None = None
+) -> ModelConfig:
+    """Read the backbone configuration off a SAM-Med3D-layout state dict (shapes only); ``memory`` and
+    ``fullres`` (the parts SAM-Med3D does not have) are taken as given.
 
     Raises:
         CheckpointError: not a SAM-Med3D layout.
@@ -347,7 +357,7 @@ def infer_config(sd: dict[str, torch.Tensor], memory: MemoryConfig | None = None
             // sd["mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"].shape[0],
         )
         prompt = PromptEncoderConfig(mask_in_chans=sd["prompt_encoder.mask_downscaling.3.weight"].shape[0])
-        return ModelConfig(image_encoder=enc, prompt_encoder=prompt, mask_decoder=dec, memory=memory)
+        return ModelConfig(image_encoder=enc, prompt_encoder=prompt, mask_decoder=dec, memory=memory, fullres=fullres)
     except (KeyError, IndexError, ValueError, ConfigError) as exc:
         raise CheckpointError(
             f"the checkpoint does not have SAM-Med3D's layout (could not read {exc}); "
@@ -394,8 +404,8 @@ def parse_stored_config(raw: Any) -> ModelConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"it is {type(raw).__name__} {raw!r:.60}, not an object of sections")
     for section, cls in _CONFIG_SECTIONS.items():
-        values = raw.get(section, {})
-        if values is None and section == "memory":
+        values = raw.get(section, None if section == "fullres" else {})
+        if values is None and section in _OPTIONAL_SECTIONS:
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{section} must be an object, not {values!r:.60}")
@@ -444,6 +454,15 @@ def _memory_sketch(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return {MEMORY_PREFIX + k: v for k, v in module.state_dict().items()}
 
 
+def _fullres_sketch(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """State dict (``fullres_head.*`` keys) of the full-resolution head ``cfg`` describes, on the meta device."""
+    if cfg.fullres is None:
+        return {}
+    with torch.device("meta"):
+        module = FullResHead(cfg.embed_dim, cfg.image_encoder.img_size, cfg.fullres)
+    return {FULLRES_PREFIX + k: v for k, v in module.state_dict().items()}
+
+
 def check_config_matches_weights(cfg: ModelConfig, sd: dict[str, torch.Tensor], where: str) -> None:
     """Refuse a stored configuration that does not describe the tensors in its own file.
 
@@ -473,15 +492,25 @@ def check_config_matches_weights(cfg: ModelConfig, sd: dict[str, torch.Tensor], 
                 f"checkpoint {where} stores a memory configuration that does not match its own memory weights: "
                 f"{str(exc).split(': ', 1)[-1]}"
             ) from None
+    head = {k: v for k, v in sd.items() if k.startswith(FULLRES_PREFIX)}
+    if head:
+        try:
+            check_state_dict(_fullres_sketch(cfg), head)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"checkpoint {where} stores a full-resolution head configuration that does not match its own "
+                f"weights: {str(exc).split(': ', 1)[-1]}"
+            ) from None
 
 
 def estimated_model_bytes(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> int:
     """Bytes of float32 parameters the network of ``cfg`` will hold, given that its backbone matches the
     backbone tensors of ``sd`` (:func:`check_config_matches_weights`): those tensors' element count plus the
     memory attention's (from a meta-device sketch, so this allocates nothing)."""
-    backbone = sum(t.numel() for k, t in sd.items() if not k.startswith(MEMORY_PREFIX))
+    backbone = sum(t.numel() for k, t in sd.items() if not k.startswith(_OPTIONAL_PREFIXES))
     memory = sum(t.numel() for t in _memory_sketch(cfg).values())
-    return 4 * (backbone + memory)
+    head = sum(t.numel() for t in _fullres_sketch(cfg).values())
+    return 4 * (backbone + memory + head)
 
 
 def check_fits_in_memory(cfg: ModelConfig, sd: dict[str, torch.Tensor], where: str) -> None:
@@ -561,7 +590,11 @@ def build_model(
         if cfg is None:
             raise ConfigError("build_model needs a preset/config or a checkpoint")
         model = MAISModel(cfg)
-        model.load_report = LoadReport("none", memory_attention="fresh" if model.has_memory else "absent")
+        model.load_report = LoadReport(
+            "none",
+            memory_attention="fresh" if model.has_memory else "absent",
+            fullres_head="fresh" if model.has_fullres else "absent",
+        )
         return model.to(dev).eval()
 
     source, sd, meta = load_checkpoint(checkpoint, trusted=trusted)
@@ -586,8 +619,8 @@ def build_model(
                 f"recorded {str(meta['sha256'])[:12]}...; download or copy it again"
             )
         report.sha256 = digest
-    elif cfg is None:
-        cfg = infer_config(sd, memory=MemoryConfig())
+    elif cfg is None:  # a SAM-Med3D file: its backbone, plus a fresh memory attention and full-resolution head
+        cfg = infer_config(sd, memory=MemoryConfig(), fullres=FullResConfig())
         report.notes.append("configuration read from the checkpoint's shapes")
     if from_file:
         check_fits_in_memory(cfg, sd, str(checkpoint))
@@ -603,6 +636,15 @@ def build_model(
         report.memory_attention = "loaded"
     else:
         report.memory_attention = "absent"
+    if model.has_fullres and not any(k.startswith(FULLRES_PREFIX) for k in sd):
+        expected = {k: v for k, v in expected.items() if not k.startswith(FULLRES_PREFIX)}
+        model.init_fresh_fullres()  # fixed seed, as the memory attention
+        report.fullres_head = "fresh"
+        report.notes.append(
+            "the checkpoint has no full-resolution head: it starts fresh (the decoder's 32^3 logits upsampled)"
+        )
+    elif model.has_fullres:
+        report.fullres_head = "loaded"
     check_state_dict(expected, sd)
     model.load_state_dict(sd, strict=False)  # every key and shape was checked above
     model.load_report = report

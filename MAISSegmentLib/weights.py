@@ -508,11 +508,11 @@ def _preset_backbone_keys(preset: str) -> int:
     import torch
 
     from .model.config import get_preset
-    from .model.mais import MEMORY_PREFIX, MAISModel
+    from .model.mais import MAISModel
 
     with torch.device("meta"):
         model = MAISModel(get_preset(preset))
-    return sum(not k.startswith(MEMORY_PREFIX) for k in model.state_dict())
+    return len(model.sam_state_dict())
 
 
 def inspect_checkpoint(path: str | os.PathLike, trusted: bool = False) -> dict[str, Any]:
@@ -527,14 +527,13 @@ def inspect_checkpoint(path: str | os.PathLike, trusted: bool = False) -> dict[s
         CheckpointError: not a loadable checkpoint (nothing is registered).
     """
     from .checkpoint import build_model
-    from .model.mais import MEMORY_PREFIX
 
     model = build_model(None, checkpoint=path, device="cpu", trusted=trusted)
     report = model.load_report
     info = {
         "format": report.source,
         "preset": _preset_of(model.cfg),
-        "backbone_keys": sum(not k.startswith(MEMORY_PREFIX) for k in model.state_dict()),
+        "backbone_keys": len(model.sam_state_dict()),
         "model_id": report.model_id,
         "version": report.version,
         "memory_attention": report.memory_attention,

@@ -2,6 +2,7 @@
 
 from .config import (
     PRESETS,
+    FullResConfig,
     ImageEncoderConfig,
     MaskDecoderConfig,
     MemoryConfig,
@@ -13,6 +14,7 @@ from .mais import MAISModel, StepOutput
 
 __all__ = [
     "PRESETS",
+    "FullResConfig",
     "ImageEncoderConfig",
     "MAISModel",
     "MaskDecoderConfig",

@@ -75,6 +75,27 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class FullResConfig:
+    """The full-resolution mask path (:mod:`MAISSegmentLib.model.fullres_head`): logits on the ROI's own grid."""
+
+    stem_channels: int = 8  # first stem convolution (128^3 -> 64^3, stride 2), once per ROI
+    mid_channels: int = 16  # image features at 64^3, once per ROI
+    hi_channels: int = 4  # image features at 128^3, once per ROI (kept in float16 at inference)
+    hidden_channels: int = 16  # width of the per-click point-wise mix at 64^3
+    click_sigma: float = 1.5  # ROI voxels: width of the click maps and of the click bumps at 128^3
+    half_features: bool = False  # keep the 128^3 features in float16 between clicks (inference; saves memory,
+    # costs time per click)
+
+    def __post_init__(self) -> None:
+        for name in ("stem_channels", "mid_channels", "hi_channels", "hidden_channels"):
+            value = getattr(self, name)
+            if not 1 <= value <= 256:
+                raise ConfigError(f"fullres {name} must be between 1 and 256, got {value}")
+        if not 0.25 <= self.click_sigma <= 16:
+            raise ConfigError(f"fullres click_sigma must be between 0.25 and 16 ROI voxels, got {self.click_sigma}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Whole MAIS network: SAM-Med3D backbone plus (optionally) the memory attention."""
 
@@ -82,6 +103,7 @@ class ModelConfig:
     prompt_encoder: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
     memory: MemoryConfig | None = field(default_factory=MemoryConfig)  # None: plain SAM-Med3D
+    fullres: FullResConfig | None = None  # the full-resolution mask path; None: SAM-Med3D's 32^3 logits
 
     def __post_init__(self) -> None:
         enc = self.image_encoder
@@ -97,6 +119,8 @@ class ModelConfig:
                 "SAM-Med3D pads the grid up to one window, it never splits it"
             )
         dim = self.embed_dim
+        if self.fullres is not None and enc.img_size % 4:
+            raise ConfigError(f"the full-resolution head needs img_size divisible by 4, got {enc.img_size}")
         if dim % 3 or dim % 8:
             raise ConfigError(f"prompt embedding dim {dim} must be divisible by 3 (Fourier PE) and 8")
         if self.memory is not None and dim % self.memory.num_heads:
@@ -129,11 +153,13 @@ class ModelConfig:
             if "global_attn_indexes" in enc:
                 enc["global_attn_indexes"] = tuple(enc["global_attn_indexes"])
             memory = data.get("memory")
+            fullres = data.get("fullres")
             return cls(
                 image_encoder=ImageEncoderConfig(**enc),
                 prompt_encoder=PromptEncoderConfig(**data.get("prompt_encoder", {})),
                 mask_decoder=MaskDecoderConfig(**data.get("mask_decoder", {})),
                 memory=None if memory is None else MemoryConfig(**memory),
+                fullres=None if fullres is None else FullResConfig(**fullres),
             )
         except TypeError as exc:
             raise ConfigError(f"model configuration has unknown or missing fields: {exc}") from exc
@@ -164,9 +190,15 @@ def _small() -> ModelConfig:
     )
 
 
+def _small_fullres() -> ModelConfig:
+    # mais-small with the full-resolution mask path (128^3 logits for a 128^3 ROI instead of 32^3).
+    return _small().replace(fullres=FullResConfig())
+
+
 PRESETS: dict[str, Any] = {
     "sam-med3d-vit-b": ModelConfig,  # SAM-Med3D vit_b_ori (the turbo checkpoint) + MAIS memory attention
     "mais-small": _small,  # small encoder for CPU training
+    "mais-small-fr": _small_fullres,  # small encoder + full-resolution mask path
     "sam-med3d-tiny": _tiny,  # the reference fixture's configuration
 }
 

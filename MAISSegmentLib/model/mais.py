@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import PromptError
 from ..memory import MemoryBank
 from .config import ModelConfig
+from .fullres_head import FULLRES_PREFIX, FullResFeatures, FullResHead
 from .image_encoder import REL_POS_VARIANTS, ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
 from .memory_attention import MemoryAttention
@@ -37,11 +38,19 @@ class StepOutput:
         low_res_logits: ``(1, 1, 32, 32, 32)`` logits in ROI tensor order (4x the embedding grid).
         iou: ``(1, 1)`` predicted IoU (no sigmoid).
         used_memory: whether the image embedding was memory-conditioned for this step.
+        full_res_logits: ``(1, 1, 128, 128, 128)`` logits on the ROI grid from the full-resolution head, when the
+            model has one and the ROI's features were given; else None.
     """
 
     low_res_logits: torch.Tensor
     iou: torch.Tensor
     used_memory: bool
+    full_res_logits: torch.Tensor | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The finest logits of the step: the full-resolution ones when there are, else the low-res ones."""
+        return self.low_res_logits if self.full_res_logits is None else self.full_res_logits
 
 
 class MAISModel(nn.Module):
@@ -49,7 +58,8 @@ class MAISModel(nn.Module):
 
     The state-dict names of the backbone are SAM-Med3D's (``image_encoder.*``, ``prompt_encoder.*``,
     ``mask_decoder.*``); the memory attention lives under ``memory_attention.*`` and is absent when
-    ``cfg.memory is None``.
+    ``cfg.memory is None``; the full-resolution mask path under ``fullres_head.*``, absent when ``cfg.fullres is
+    None`` (SAM-Med3D's 32^3 output only).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -62,6 +72,24 @@ class MAISModel(nn.Module):
         )
         self.mask_decoder = MaskDecoder3D(cfg.embed_dim, cfg.mask_decoder)
         self.memory_attention = MemoryAttention(cfg.embed_dim, cfg.memory) if cfg.memory is not None else None
+        self.fullres_head = FullResHead(cfg.embed_dim, enc.img_size, cfg.fullres) if cfg.fullres is not None else None
+
+    @property
+    def has_fullres(self) -> bool:
+        """Whether the model has the full-resolution mask path."""
+        return self.fullres_head is not None
+
+    def init_fresh_fullres(self, seed: int = 1) -> None:
+        """Re-initialise the full-resolution head from a fixed seed (as :meth:`init_fresh_memory`): a checkpoint
+        without its weights (SAM-Med3D, or a MAISSegment model trained before it existed) gets the same fresh head at
+        every load. A fresh head outputs the decoder's logits upsampled."""
+        if self.cfg.fullres is None:
+            return
+        device = self.device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = FullResHead(self.cfg.embed_dim, self.cfg.image_encoder.img_size, self.cfg.fullres)
+        self.fullres_head = head.to(device)
 
     def init_fresh_memory(self, seed: int = 0) -> None:
         """Re-initialise the memory attention from a fixed seed (the global RNG is left untouched).
@@ -93,7 +121,7 @@ class MAISModel(nn.Module):
 
     def sam_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone's weights alone, in SAM-Med3D's layout (324 keys for ``sam-med3d-vit-b``)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(MEMORY_PREFIX)}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith((MEMORY_PREFIX, FULLRES_PREFIX))}
 
     def set_rel_pos_variant(self, variant: str) -> None:
         """Switch the encoder's relative-position bias (``"textbook"`` exists only to fail the fixture)."""
@@ -106,6 +134,14 @@ class MAISModel(nn.Module):
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """``(B, 1, 128, 128, 128)`` ROI -> image embedding ``(B, 384, 8, 8, 8)``."""
         return self.image_encoder(image)
+
+    def encode_fullres(self, image: torch.Tensor) -> FullResFeatures | None:
+        """Once-per-ROI features of the full-resolution head (None when the model has none).
+
+        Args:
+            image: ``(1, 1, 128, 128, 128)`` the same z-normalised ROI as :meth:`encode_image`.
+        """
+        return None if self.fullres_head is None else self.fullres_head.encode(image)
 
     def dense_pe(self) -> torch.Tensor:
         """Dense positional encoding ``(1, C, G, G, G)``."""
@@ -124,6 +160,8 @@ class MAISModel(nn.Module):
         prev_low_res: torch.Tensor | None = None,
         bank: MemoryBank | None = None,
         image_pe: torch.Tensor | None = None,
+        features: FullResFeatures | None = None,
+        prev_full: torch.Tensor | None = None,
     ) -> StepOutput:
         """One interaction: all clicks so far -> new low-res logits (``multimask_output=False``).
 
@@ -136,6 +174,9 @@ class MAISModel(nn.Module):
             bank: the object's memory; None runs without memory (the no-memory baseline). The newest
                 click and the mask embedding are pushed into it.
             image_pe: cached :meth:`dense_pe` (computed when None).
+            features: the ROI's :meth:`encode_fullres`; given (and the model has the head), the step also returns
+                full-resolution logits.
+            prev_full: ``(1, 1, 128, 128, 128)`` the previous step's full-resolution logits (None: first click).
 
         Returns:
             :class:`StepOutput`.
@@ -165,5 +206,9 @@ class MAISModel(nn.Module):
             if bank.total_pushed > 1:
                 embedding = self.memory_attention(image_embedding, image_pe, bank)
                 used_memory = True
-        low_res, iou = self.mask_decoder(embedding, image_pe, sparse, dense, multimask_output=False)
-        return StepOutput(low_res, iou, used_memory)
+        if self.fullres_head is None or features is None:
+            low_res, iou = self.mask_decoder(embedding, image_pe, sparse, dense, multimask_output=False)
+            return StepOutput(low_res, iou, used_memory)
+        low_res, iou, token = self.mask_decoder.single_mask(embedding, image_pe, sparse, dense)
+        full = self.fullres_head(features, low_res, token, points, labels, prev_full)
+        return StepOutput(low_res, iou, used_memory, full)

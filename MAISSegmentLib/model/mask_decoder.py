@@ -64,9 +64,19 @@ class MaskDecoder3D(nn.Module):
         Returns:
             low-res logits ``(B, 1 or 3, 4G, 4G, 4G)`` and IoU predictions ``(B, 1 or 3)`` (no sigmoid).
         """
-        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        masks, iou, _tokens = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou[:, sl]
+
+    def single_mask(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with ``multimask_output=False``, also returning that mask's output token ``(B, C)`` (what
+        the full-resolution head generates its per-click weights from)."""
+        masks, iou, tokens = self.predict_masks(image_embeddings, image_pe, sparse, dense)
+        return masks[:, :1], iou[:, :1], tokens[:, 0]
 
     def upscale(self, src: torch.Tensor) -> torch.Tensor:
         """``output_upscaling(src)``: ``(B, C, G, G, G)`` -> ``(B, C/8, 4G, 4G, 4G)``.
@@ -79,8 +89,9 @@ class MaskDecoder3D(nn.Module):
 
     def predict_masks(
         self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ``num_mask_tokens`` masks and IoU predictions."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All ``num_mask_tokens`` masks ``(B, M, 4G, 4G, 4G)``, IoU predictions ``(B, M)`` and the mask tokens'
+        outputs ``(B, M, C)``."""
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
         n = tokens.shape[0]
@@ -97,4 +108,4 @@ class MaskDecoder3D(nn.Module):
         )
         b, c, x, y, z = upscaled.shape
         masks = (hyper_in @ upscaled.view(b, c, x * y * z)).view(b, -1, x, y, z)
-        return masks, self.iou_prediction_head(iou_token_out)
+        return masks, self.iou_prediction_head(iou_token_out), mask_tokens_out
