@@ -173,6 +173,13 @@ class _RoiState:
     sources: list[int] = field(default_factory=list)  # session click index, -1 for an automatic seed
     prev: torch.Tensor | None = None  # (1, 1, 32, 32, 32) logits of the last step
     bank: MemoryBank | None = None
+    full: torch.Tensor | None = None  # (1, 1, 128, 128, 128) float16 full-resolution logits of the last step (models
+    # with the full-resolution head; what the mask is composed from)
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """The finest logits of the last step (full-resolution when the model has the head), ROI order."""
+        return self.full if self.full is not None else self.prev
 
     def copy(self) -> _RoiState:
         """Snapshot: lists copied, tensors shared (never modified in place), bank entries shared."""
@@ -181,7 +188,7 @@ class _RoiState:
             bank = MemoryBank(self.bank.capacity, self.bank.variant)
             bank.entries.extend(self.bank.entries)
             bank.total_pushed = self.bank.total_pushed
-        return _RoiState(self.roi, list(self.points), list(self.labels), list(self.sources), self.prev, bank)
+        return _RoiState(self.roi, list(self.points), list(self.labels), list(self.sources), self.prev, bank, self.full)
 
 
 @dataclass
@@ -223,11 +230,12 @@ class _Record:
     @property
     def nbytes(self) -> int:
         """Bytes this record keeps alive: its patch plus the ROI logits its "after" state introduced."""
-        kept = {id(st.prev) for st in self.before.rois if st.prev is not None}
+        kept = {id(t) for st in self.before.rois for t in (st.prev, st.full) if t is not None}
         logits = sum(
-            st.prev.numel() * st.prev.element_size()
+            t.numel() * t.element_size()
             for st in self.after.rois
-            if st.prev is not None and id(st.prev) not in kept
+            for t in (st.prev, st.full)
+            if t is not None and id(t) not in kept
         )
         return len(self.flipped) + logits
 
@@ -356,6 +364,7 @@ class InteractiveSession:
         self._clicks: list[Click] = []
         self._rois: list[_RoiState] = []
         self._embeddings: dict[Roi, torch.Tensor] = {}
+        self._features: dict[Roi, Any] = {}  # full-resolution head's features per ROI (models with the head)
         self._pe: torch.Tensor | None = None
         self._undo: list[_Record] = []
         self._redo: list[_Record] = []
@@ -415,7 +424,7 @@ class InteractiveSession:
         except MemoryError as exc:
             raise ImageError(str(exc) or f"not enough memory for a {arr.shape} mask; crop the image first") from None
         self.image, self.protected, self._mask = volume, prot, mask
-        self._clicks, self._rois, self._embeddings = [], [], {}
+        self._clicks, self._rois, self._embeddings, self._features = [], [], {}, {}
         self._undo, self._redo = [], []
         self._pe = None
 
@@ -661,6 +670,7 @@ class InteractiveSession:
         return state
 
     def _embedding(self, roi: Roi) -> torch.Tensor:
+        """The ROI's image embedding (and the full-resolution head's features), computed once per ROI."""
         emb = self._embeddings.get(roi)
         if emb is None:
             t0 = time.perf_counter()
@@ -668,6 +678,7 @@ class InteractiveSession:
                 image = sample_roi(self.image, roi).to(self.model.device)
                 t1 = time.perf_counter()
                 emb = self.model.encode_image(image)
+                self._features[roi] = self.model.encode_fullres(image)
             self._embeddings[roi] = emb
             self.encoder_runs += 1
             self.last_timings["roi"] = self.last_timings.get("roi", 0.0) + t1 - t0
@@ -687,12 +698,23 @@ class InteractiveSession:
         labels = torch.tensor([[*st.labels, label]], dtype=torch.float32, device=dev)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.step(emb, points, labels, st.prev, bank=st.bank, image_pe=self._pe)
+            out = self.model.step(
+                emb,
+                points,
+                labels,
+                st.prev,
+                bank=st.bank,
+                image_pe=self._pe,
+                features=self._features.get(st.roi),
+                prev_full=st.full,
+            )
         self.last_timings["decoder"] = self.last_timings.get("decoder", 0.0) + time.perf_counter() - t0
         st.points.append(p)
         st.labels.append(label)
         st.sources.append(source)
         st.prev = out.low_res_logits
+        if out.full_res_logits is not None:
+            st.full = out.full_res_logits.to(torch.float16)  # 4 MB per ROI state (undo keeps earlier ones)
 
     def _apply_click(self, click: Click, index: int) -> bool:
         """Route a click to the ROIs containing it (or a new one), then grow ROIs. Returns True."""
@@ -780,7 +802,7 @@ class InteractiveSession:
         for st in rois:
             if st.prev is None:
                 continue
-            rng = positive_roi_range(st.prev, st.roi)
+            rng = positive_roi_range(st.logits, st.roi)
             if rng is not None:
                 box = box.union(st.roi.box_on(self.image, *rng))
         return box
@@ -800,7 +822,7 @@ class InteractiveSession:
             sub = box.intersect(st.roi.box_on(self.image))
             if sub.empty:
                 continue
-            values, weights = roi_logits_on_grid(st.prev, st.roi, self.image, sub, self.options.blend_margin)
+            values, weights = roi_logits_on_grid(st.logits, st.roi, self.image, sub, self.options.blend_margin)
             rel = tuple(slice(s.start - o, s.stop - o) for s, o in zip(sub.slices, (box.lo[2], box.lo[1], box.lo[0])))
             parts.append((rel, torch.from_numpy(values), torch.from_numpy(weights)))
         mask = torch.zeros(box.shape_kji, dtype=torch.bool)

@@ -125,3 +125,32 @@ def test_clicks_act_exactly_where_they_are_placed():
         (changed - torch.tensor([10, 20, 30])).abs().amax(1), (changed - torch.tensor([100, 5, 64])).abs().amax(1)
     )
     assert 0 < changed.shape[0] <= 2 * 11**3 and near.max() <= 5  # a window of 3 sigma around each click
+
+
+def test_the_session_composes_the_mask_from_the_full_resolution_logits():
+    """With the head, the session's mask comes from the 128^3 logits (4 MB float16 per ROI state), and an exclude
+    click whose bump outweighs the decoder removes the click's own voxel."""
+    import numpy as np
+
+    from MAISSegmentLib.session import InteractiveSession, SessionOptions
+    from test_session import make_volume
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("sam-med3d-tiny").replace(fullres=FullResConfig())).eval()
+    volume = make_volume(spacing=(1.5, 1.5, 1.5), shape_kji=(60, 70, 80))
+    session = InteractiveSession(model, SessionOptions(grow_rois=False))
+    session.set_image(volume)
+    centre = volume.ijk_to_ras_points(np.array([[40.0, 35.0, 30.0]]))[0]
+    session.add_click(centre, True)
+    roi_state = session._rois[0]
+    assert roi_state.full is not None and roi_state.full.shape == (1, 1, 128, 128, 128)
+    with torch.no_grad():
+        model.fullres_head.click_gain.copy_(torch.tensor([0.0, 1.0e4]))
+    probe = volume.ijk_to_ras_points(np.array([[44.0, 35.0, 30.0]]))[0]  # 6 mm from the include click
+    session.add_click(probe, False)
+    assert session.mask[30, 35, 44] == 0  # the exclude click's own voxel
+    from MAISSegmentLib.roi import image_box, roi_logits_on_grid
+
+    roi_state = session._rois[0]
+    values, weights = roi_logits_on_grid(roi_state.full, roi_state.roi, volume, image_box(volume))
+    assert np.array_equal(session.mask > 0, (values > 0) & (weights > 0))  # composed from the 128^3 logits
