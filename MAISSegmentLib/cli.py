@@ -672,7 +672,7 @@ def _cmd_weights_list(args: argparse.Namespace) -> int:
     from . import weights
 
     default = weights.default_model_id()
-    rows = [("id", "version", "format", "status", "licence")]
+    rows = [("id", "version", "format", "status", "checksum", "licence")]
     for e in weights.list_models():
         rows.append(
             (
@@ -680,12 +680,13 @@ def _cmd_weights_list(args: argparse.Namespace) -> int:
                 e.version or "-",
                 e.format or "-",
                 e.status,
+                e.verification_text,
                 e.license or "-",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
     print(f"cache: {weights.cache_dir()}" + ("" if default else "; no default model registered yet"))
     return 0
 

@@ -59,8 +59,9 @@ def test_bench_writes_table_and_json(tmp_path):
     res = json.loads(out.read_text())
     assert set(res) >= KEYS
     assert res["device"] == "cpu" and res["threads"] == 2 and res["memory_size"] == 20
-    assert res["encoder_speedup"] == res["encoder_reference_seconds"] / res["encoder_seconds"]
-    assert res["memory_overhead"] == res["click_seconds_memory"] / res["click_seconds_no_memory"]
+    # what the table shows is what the JSON records (both timings of each ratio were measured in this run)
+    assert f"{res['encoder_speedup']:.2f}x" in proc.stdout and f"{res['memory_overhead']:.2f}x" in proc.stdout
+    assert all(res[k] > 0 for k in ("encoder_reference_seconds", "click_seconds_no_memory"))
     assert all(res[k] > 0 for k in ("encoder_seconds", "click_seconds_memory", "peak_rss_mb", "click_to_mask_seconds"))
     assert res["click_to_mask_breakdown"]["image_shape_ijk"] == [512, 512, 300]
     assert "click -> mask" in proc.stdout

@@ -490,6 +490,11 @@ def test_cli_weights_list_import_path(server, tmp_path, monkeypatch):
     assert proc.stdout.strip() == str(tmp_path / "cache" / "tiny.pth") and "100%" in proc.stderr
     listing = mais("weights", "list").stdout
     assert "cached" in listing and "ref-tiny" in listing and "imported" in listing
+    assert "verified (SHA-256 in the registry)" in listing
+    unverified = write_registry(tmp_path / "u", [entry("later", url=f"{url}/tiny.pth")])  # no SHA-256 known
+    monkeypatch.setenv("MAIS_MODELS_JSON", str(unverified))
+    row = next(line for line in mais("weights", "list").stdout.splitlines() if line.startswith("later"))
+    assert "unverified (first download records the hash)" in row
 
 
 def test_cli_model_option_and_default(tmp_path, monkeypatch):
