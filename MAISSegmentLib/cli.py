@@ -178,7 +178,8 @@ def _write_segment_outputs(out: Path, state_path: str | None, volume, session, l
     holds the clicks, the user's work).
     """
     from .fileutil import atomic_write_many
-    from .io import Segment, write_labelmap, write_segmentation
+    from .io import write_labelmap
+    from .seg_nrrd import Segment, write_segmentation
 
     suffix = next(e for e in _SEGMENT_OUTPUTS if out.name.endswith(e))
 

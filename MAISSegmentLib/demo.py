@@ -37,7 +37,8 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo; returns ``{"structure", "dice": [per click], "seconds": [per click], "files": [...]}``."""
-    from .io import Segment, read_volume, write_segmentation
+    from .io import read_volume
+    from .seg_nrrd import Segment, write_segmentation
 
     manifest = Path(sample_dir) / "manifest.json"
     structure = structure or json.loads(manifest.read_text()).get("demo_structure", "")

@@ -9,8 +9,9 @@ import pytest
 
 from conftest import TINY
 from MAISSegmentLib import build_model
-from MAISSegmentLib.io import read_segmentation, read_volume, write_volume
+from MAISSegmentLib.io import read_volume, write_volume
 from MAISSegmentLib.markups import read_markups_points, write_markups_points
+from MAISSegmentLib.seg_nrrd import read_segmentation
 from MAISSegmentLib.session import InteractiveSession
 from MAISSegmentLib.volume import Volume
 from test_cli import mais

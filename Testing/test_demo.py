@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import TESTING, TINY
-from MAISSegmentLib.io import read_segmentation
+from MAISSegmentLib.seg_nrrd import read_segmentation
 from test_cli import mais
 
 SAMPLE = TESTING.parent / "Resources" / "sample"

@@ -13,17 +13,10 @@ import SimpleITK as sitk
 
 from conftest import SHARED
 from MAISSegmentLib import io as mio
+from MAISSegmentLib import seg_nrrd
 from MAISSegmentLib.errors import ImageError, MAISError
-from MAISSegmentLib.io import (
-    DEFAULT_SEGMENT_COLORS,
-    Segment,
-    read_segmentation,
-    read_volume,
-    volume_to_sitk,
-    write_labelmap,
-    write_segmentation,
-    write_volume,
-)
+from MAISSegmentLib.io import read_volume, volume_to_sitk, write_labelmap, write_volume
+from MAISSegmentLib.seg_nrrd import DEFAULT_SEGMENT_COLORS, Segment, read_segmentation, write_segmentation
 from MAISSegmentLib.volume import Volume
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
@@ -325,7 +318,8 @@ def test_failed_write_leaves_existing_file_untouched(tmp_path, monkeypatch):
         path.write_bytes(b"NRRD0004\npartial")
         raise ImageError(f"cannot write {path}: No space left on device")
 
-    monkeypatch.setattr(mio, "_write_sitk", broken_write)
+    monkeypatch.setattr(mio, "write_sitk", broken_write)
+    monkeypatch.setattr(seg_nrrd, "write_sitk", broken_write)
     with pytest.raises(ImageError, match="No space left"):
         write_volume(oblique_volume(seed=5), target)
     with pytest.raises(ImageError, match="No space left"):
