@@ -62,6 +62,10 @@ class TrainConfig:
     lr_prompt_decoder: float = 8e-5  # prompt encoder and mask decoder
     lr_memory: float | None = None  # memory attention; None: LR_MEMORY_FRESH when it starts fresh (the paper:
     # trained from scratch), lr_prompt_decoder when the starting checkpoint has a trained one (see resolve_lr_memory)
+    fullres: bool = False  # add a fresh full-resolution head (model/fullres_head.py) when the network has none
+    lr_fullres: float | None = None  # full-resolution head; None: like lr_memory (fresh: LR_MEMORY_FRESH)
+    low_res_loss_weight: float = 0.5  # with the head: weight of the decoder's own (low-res) Dice loss, which keeps
+    # its logits (the next click's mask prompt) good; the head's 128^3 Dice loss has weight 1
     weight_decay: float = 0.1
     milestones: tuple[float, float] = (0.645, 0.9)  # fractions of steps where the lr drops x0.1
     warmup_steps: int = 0  # linear learning-rate warm-up (0: the paper's schedule; from scratch use ~100)
@@ -113,10 +117,17 @@ def _check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not _whole(value) or value < 0:
             raise ConfigError(f"{name} ({_option(name)}) must be a whole number >= 0, got {value!r}")
-    rates = {"lr_encoder": cfg.lr_encoder, "lr_prompt_decoder": cfg.lr_prompt_decoder, "lr_memory": cfg.lr_memory}
+    rates = {
+        "lr_encoder": cfg.lr_encoder,
+        "lr_prompt_decoder": cfg.lr_prompt_decoder,
+        "lr_memory": cfg.lr_memory,
+        "lr_fullres": cfg.lr_fullres,
+    }
     for name, value in rates.items():
         if value is not None and not _positive_number(value):
             raise ConfigError(f"{name} ({_option(name)}) must be a positive learning rate such as 8e-5, got {value!r}")
+    if not (_positive_number(cfg.low_res_loss_weight) or cfg.low_res_loss_weight == 0):
+        raise ConfigError(f"low_res_loss_weight must be zero or a positive number, got {cfg.low_res_loss_weight!r}")
     if not (_positive_number(cfg.weight_decay) or cfg.weight_decay == 0):
         raise ConfigError(f"weight_decay must be zero or a positive number, got {cfg.weight_decay!r}")
     if not all(_positive_number(m) and m <= 1 for m in cfg.milestones):
@@ -236,6 +247,7 @@ def run_episode(
         train_encoder = cfg.mode == "train" and any(p.requires_grad for p in model.image_encoder.parameters())
         with torch.set_grad_enabled(train_encoder):
             embedding = model.encode_image(sample.image.to(dev))
+        features = model.encode_fullres(sample.image.to(dev))  # the head trains: with gradients
     targets = [sample.target, *sample.others][: max(1, cfg.targets_per_crop)]
     stats = []
     for n, target in enumerate(targets):
@@ -249,7 +261,8 @@ def run_episode(
                 gen,
                 loss_scale / len(targets),
                 autocast,
-                keep_encoder_graph=train_encoder and not last,
+                keep_encoder_graph=(train_encoder or features is not None) and not last,
+                features=features,
             )
         )
     return {"loss": float(np.mean([s["loss"] for s in stats])), "dice": float(np.mean([s["dice"] for s in stats]))}
@@ -264,18 +277,24 @@ def _episode(
     loss_scale: float,
     autocast: Any,
     keep_encoder_graph: bool,
+    features: Any = None,
 ) -> dict[str, float]:
-    """One target's click episode on a given embedding (see :func:`run_episode`)."""
+    """One target's click episode on a given embedding (see :func:`run_episode`).
+
+    With the full-resolution head (``features`` given): the loss is the head's Dice on the 128^3 logits plus
+    ``low_res_loss_weight`` times the decoder's own Dice (as without the head), and the next click is drawn from
+    the error of the full-resolution prediction.
+    """
     dev = model.device
     size = target.shape[-1]
-    train_encoder = embedding.requires_grad
+    train_encoder = embedding.requires_grad or features is not None  # the graph through them is kept per window
     pe = model.dense_pe()
     bank = MemoryBank(cfg.memory_size, model.cfg.memory.variant) if (cfg.use_memory and model.has_memory) else None
     soft_target = None
     if cfg.loss_size != size:  # fraction of each loss voxel covered by the target
         soft_target = F.adaptive_avg_pool3d(target[None, None].float(), cfg.loss_size)[0, 0]
     points, labels = [], []
-    prev, pred = None, None
+    prev, pred, prev_full = None, None, None
     window_loss, total = 0.0, 0.0
     n = cfg.episode_clicks
     for t in range(n):
@@ -290,6 +309,8 @@ def _episode(
                 prev,
                 bank=bank,
                 image_pe=pe,
+                features=features,
+                prev_full=prev_full,
             )
             hi = F.interpolate(out.low_res_logits, size=(size,) * 3, mode="trilinear", align_corners=False)
             if cfg.loss_size == size:
@@ -301,14 +322,19 @@ def _episode(
                     else out.low_res_logits
                 )
                 loss = dice_loss(logits, soft_target)
+            if out.full_res_logits is not None:
+                loss = dice_loss(out.full_res_logits, target) + cfg.low_res_loss_weight * loss
+                hi = out.full_res_logits
         window_loss = window_loss + loss
         total += float(loss.detach())
         pred = hi.detach()[0, 0] > 0
         prev = out.low_res_logits
+        prev_full = out.full_res_logits
         if (t + 1) % cfg.tbptt == 0 or t == n - 1:
             (window_loss * loss_scale / n).backward(retain_graph=train_encoder and (t < n - 1 or keep_encoder_graph))
             window_loss = 0.0
             prev = prev.detach()
+            prev_full = None if prev_full is None else prev_full.detach()
             if bank is not None:  # truncate: memories of earlier windows become constants
                 for e in bank.entries:
                     e.sparse = None if e.sparse is None else e.sparse.detach()
@@ -343,6 +369,9 @@ def param_groups(model: MAISModel, cfg: TrainConfig) -> list[dict[str, Any]]:
     if model.has_memory and cfg.use_memory:
         lr_memory = resolve_lr_memory(cfg, model).lr_memory
         groups.append({"params": list(model.memory_attention.parameters()), "lr": lr_memory, "name": "memory"})
+    if model.has_fullres:
+        lr_fullres = resolve_lr_memory(cfg, model).lr_fullres
+        groups.append({"params": list(model.fullres_head.parameters()), "lr": lr_fullres, "name": "fullres"})
     if cfg.mode == "train":
         groups.append({"params": enc, "lr": cfg.lr_encoder, "name": "encoder"})
     return groups
@@ -526,6 +555,9 @@ def train(
         if (start_ckpt or cfg.init_checkpoint)
         else build_model(cfg.preset, device=dev)
     )
+    if cfg.fullres and not model.has_fullres:
+        model = model.with_fullres_head()
+        log("added a fresh full-resolution head")
     if model.cfg.image_encoder.img_size != cfg.crop_size:
         raise ConfigError(
             f"crop_size {cfg.crop_size} differs from the model's input size {model.cfg.image_encoder.img_size}"
@@ -615,7 +647,8 @@ def _prepare_run_folder(out: Path, step: int, resume: bool, overwrite: bool, log
 
 
 def resolve_lr_memory(cfg: TrainConfig, model: MAISModel, resumed: bool = False) -> TrainConfig:
-    """``cfg`` with ``lr_memory`` set when it is ``None``.
+    """``cfg`` with ``lr_memory`` and ``lr_fullres`` set when they are ``None`` (the same rule for both parts: the
+    memory attention and the full-resolution head).
 
     The paper's 8e-4 is for a memory attention trained from scratch on top of a pretrained SAM-Med3D.
     When the starting checkpoint already has a trained memory attention (a MAISSegment model, the
@@ -623,17 +656,19 @@ def resolve_lr_memory(cfg: TrainConfig, model: MAISModel, resumed: bool = False)
     fine-tuning on the myocardium lowered its Dice@5 from 0.19 to 0.07), so it is then fine-tuned at the
     prompt encoder/decoder's rate. On ``resumed`` runs the value recorded in the checkpoint is kept.
     """
-    if cfg.lr_memory is not None:
-        return cfg
     report = getattr(model, "load_report", None)
-    recorded = (getattr(report, "provenance", None) or {}).get("recipe", {}).get("lr_memory") if resumed else None
-    if recorded is not None:
-        lr = float(recorded)
-    elif report is not None and report.memory_attention == "loaded":
-        lr = cfg.lr_prompt_decoder
-    else:
-        lr = LR_MEMORY_FRESH
-    return dataclasses.replace(cfg, lr_memory=lr)
+    recipe = (getattr(report, "provenance", None) or {}).get("recipe", {}) if resumed else {}
+    changes = {}
+    for field_name, part in (("lr_memory", "memory_attention"), ("lr_fullres", "fullres_head")):
+        if getattr(cfg, field_name) is not None:
+            continue
+        if recipe.get(field_name) is not None:
+            changes[field_name] = float(recipe[field_name])
+        elif report is not None and getattr(report, part, None) == "loaded":
+            changes[field_name] = cfg.lr_prompt_decoder
+        else:
+            changes[field_name] = LR_MEMORY_FRESH
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:

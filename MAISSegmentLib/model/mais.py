@@ -91,6 +91,24 @@ class MAISModel(nn.Module):
             head = FullResHead(self.cfg.embed_dim, self.cfg.image_encoder.img_size, self.cfg.fullres)
         self.fullres_head = head.to(device)
 
+    def with_fullres_head(self) -> MAISModel:
+        """This network plus a fresh full-resolution head (fixed seed): every other weight is copied, so it predicts
+        exactly what this one does, on the ROI grid, until the head is trained. ``self`` when it has a head."""
+        if self.has_fullres:
+            return self
+        from .config import FullResConfig
+
+        grown = MAISModel(self.cfg.replace(fullres=FullResConfig())).to(self.device)
+        grown.load_state_dict(self.state_dict(), strict=False)
+        grown.init_fresh_fullres()
+        report = getattr(self, "load_report", None)
+        if report is not None:
+            import dataclasses
+
+            grown.load_report = dataclasses.replace(report, fullres_head="fresh", notes=[*report.notes])
+            grown.load_report.notes.append("a fresh full-resolution head was added")
+        return grown
+
     def init_fresh_memory(self, seed: int = 0) -> None:
         """Re-initialise the memory attention from a fixed seed (the global RNG is left untouched).
 
