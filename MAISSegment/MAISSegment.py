@@ -10,10 +10,10 @@ How points become voxels
 ------------------------
 One :class:`MAISSegmentLib.session.InteractiveSession` per (segmentation, segment, volume) holds the clicks and the MAIS
 memory of that object. The clicks are the control points of two point lists of the segment (include + and exclude −),
-in click order (``mais:order=N`` in each point's description, see ``MAISSegmentLib.mrml_bridge``). Whenever the points
+in click order (``mais:order=N`` in each point's description, see ``MAISSegmentLib.mrml_markups``). Whenever the points
 change, :meth:`MAISSegmentLogic.on_points_changed` compares them with the session: new points become clicks; a moved or
 deleted point makes the session rebuild from the points (the memory is replayed). Only the changed box is written into
-the segment, through ``mrml_bridge.write_mask`` (editable area, "modify other segments" and locked segments honoured),
+the segment, through ``mrml_writing.write_mask`` (editable area, "modify other segments" and locked segments honoured),
 and every write is recorded, so :meth:`~MAISSegmentLogic.undo` / :meth:`~MAISSegmentLogic.redo` restore the exact
 labelmaps together with the session (memory included) and the points. After every change the session's state
 (clicks, options, model) is stored in the segment tag ``MAISSegment.State``, so a saved and reloaded scene continues
@@ -60,7 +60,7 @@ MODULE_NAME = "MAISSegment"
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 MIN_TORCH_VERSION = "2.5"  # torch.serialization.safe_globals, used by MAISSegmentLib.checkpoint
 DEVICES = ("auto", "cpu", "cuda", "mps")  # MAISSegmentLib.devices.DEVICE_CHOICES
-OVERWRITE_MODES = ("none", "visible", "all")  # MAISSegmentLib.mrml_bridge.OVERWRITE_MODES
+OVERWRITE_MODES = ("none", "visible", "all")  # MAISSegmentLib.mrml_masking.OVERWRITE_MODES
 DEFAULT_MAX_LIVE_SESSIONS = 8  # segments whose session stays in memory (the others replay their clicks when used)
 DEFAULT_UNDO_BUDGET_BYTES = 256 * 2**20  # undo history kept for all segments together (oldest dropped first)
 SAME_POSITION_MM = 1e-3  # two clicks closer than this (mm, per axis) on the same side are the same click
@@ -184,7 +184,7 @@ def plan_update(session_clicks: Sequence[Any], point_clicks: Sequence[Any], tole
 
     Args:
         session_clicks: the session's clicks (``Click`` objects or ``(ras, include)`` pairs), in order.
-        point_clicks: ``(ras (3,) mm, include)`` pairs from ``mrml_bridge.clicks_from_markups``, in click order.
+        point_clicks: ``(ras (3,) mm, include)`` pairs from ``mrml_markups.clicks_from_markups``, in click order.
         tolerance_mm: positions closer than this on every axis are the same click.
     """
     old = [_click_pair(c) for c in session_clicks]
@@ -477,14 +477,6 @@ def _add_library_path() -> None:
             return
 
 
-def _bridge():
-    """``MAISSegmentLib.mrml_bridge`` (imports torch through the package: call after the dependency check)."""
-    _add_library_path()
-    from MAISSegmentLib import mrml_bridge
-
-    return mrml_bridge
-
-
 def _state_fits(state: dict, volume: Any) -> bool:
     """Whether a stored session state was made on this volume's grid (shape and IJK->RAS)."""
     try:
@@ -498,13 +490,16 @@ def _state_fits(state: dict, volume: Any) -> bool:
 
 def _add_state_points(state: dict, include_node: Any, exclude_node: Any) -> None:
     """Add the clicks of a stored session state to the point lists, with their click orders."""
-    mb = _bridge()
+    _add_library_path()
+    from MAISSegmentLib.mrml_markups import add_click_point
+    from MAISSegmentLib.mrml_volumes import BridgeError
+
     for order, click in enumerate(state.get("clicks") or []):
         try:
             node = include_node if bool(click["include"]) else exclude_node
             if node is not None:
-                mb.add_click_point(node, [float(x) for x in click["ras"]], order)
-        except (KeyError, TypeError, ValueError, mb.BridgeError):
+                add_click_point(node, [float(x) for x in click["ras"]], order)
+        except (KeyError, TypeError, ValueError, BridgeError):
             logging.warning("MAISSegment: skipping a malformed stored click %r", click)
 
 
@@ -522,7 +517,9 @@ def _same_mask(a: Any, b: Any) -> bool:
 def _defined_points(nodes: dict[bool, Any]) -> dict[tuple[bool, str], dict[str, Any]]:
     """The placed points of ``{include: point list node or None}``, keyed by ``(include, control point ID)``:
     ``{"id", "ras" (3,) world RAS mm, "order" (mais:order or None)}``. Points being placed are skipped."""
-    mb = _bridge()
+    _add_library_path()
+    from MAISSegmentLib.mrml_markups import click_order
+
     defined = slicer.vtkMRMLMarkupsNode.PositionDefined
     points: dict[tuple[bool, str], dict[str, Any]] = {}
     for side, node in nodes.items():
@@ -532,7 +529,7 @@ def _defined_points(nodes: dict[bool, Any]) -> dict[tuple[bool, str], dict[str, 
             position = [0.0, 0.0, 0.0]
             node.GetNthControlPointPositionWorld(i, position)
             point_id = node.GetNthControlPointID(i)
-            points[(side, point_id)] = {"id": point_id, "ras": np.asarray(position), "order": mb.click_order(node, i)}
+            points[(side, point_id)] = {"id": point_id, "ras": np.asarray(position), "order": click_order(node, i)}
     return points
 
 
@@ -594,7 +591,7 @@ class _Operation:
     """One undoable logic change: ``steps`` session operations and the segment write that showed them."""
 
     steps: int
-    record: Any  # mrml_bridge.UndoRecord, or None when nothing was written
+    record: Any  # mrml_writing.UndoRecord, or None when nothing was written
     action: str
     edited_before: Any = None  # segment_edits.BoxedMask of the user's edits before/after (restored by undo/redo)
     edited_after: Any = None
@@ -1111,7 +1108,10 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             count = segmentation.GetSegmentation().GetNumberOfSegments()
             if count == 0:
                 continue
-            volume = _bridge().reference_volume_of(segmentation) or default_volume
+            _add_library_path()
+            from MAISSegmentLib.mrml_export import reference_volume_of
+
+            volume = reference_volume_of(segmentation) or default_volume
             found.append(LearnCandidate(segmentation, volume, count))
         return found
 
@@ -1147,6 +1147,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         """
         self.ensure_dependencies()
         from MAISSegmentLib import learn
+        from MAISSegmentLib.mrml_export import export_cases
 
         if not cases and not folder:
             raise MAISSegmentError(
@@ -1172,7 +1173,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             if folder:
                 config.data = os.fspath(folder)
             else:
-                manifest, exported = _bridge().export_cases(cases, run.cases_dir)
+                manifest, exported = export_cases(cases, run.cases_dir)
                 for case in exported:
                     for note in case.notes:
                         logging.info("MAISSegment: case %s: %s", case.id, note)
@@ -1284,7 +1285,9 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         The point under the mouse (the display node's active control point), else the last-clicked of the points
         selected in the point lists when not all of them are (Slicer selects new points), else the last click.
         """
-        mb = _bridge()
+        _add_library_path()
+        from MAISSegmentLib.mrml_markups import click_order
+
         nodes = [n for n in (include_node, exclude_node) if n is not None]
         for node in nodes:
             display = node.GetDisplayNode()
@@ -1300,7 +1303,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
             return None, -1
         selected = [(node, i) for node, i in points if node.GetNthControlPointSelected(i)]
         pool = selected if 0 < len(selected) < len(points) else points
-        order = {(node.GetID(), i): mb.click_order(node, i) for node, i in pool}
+        order = {(node.GetID(), i): click_order(node, i) for node, i in pool}
         return max(pool, key=lambda p: -1 if order[(p[0].GetID(), p[1])] is None else order[(p[0].GetID(), p[1])])
 
     # ---------------------------------------------------------------------------------------------- targets
@@ -1348,14 +1351,17 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         target = self._target(segmentation_node, segment_id, volume_node, create=False)
         if target is not None and target.session is not None:
             return 0
-        mb = _bridge()
+        _add_library_path()
+        from MAISSegmentLib.mrml_state import load_state
+        from MAISSegmentLib.mrml_volumes import BridgeError, count_segment_voxels
+
         try:
-            state = mb.load_state(segmentation_node, segment_id)
+            state = load_state(segmentation_node, segment_id)
             if state is not None and state.get("clicks"):
                 return 0
-        except mb.BridgeError:
+        except BridgeError:
             pass  # a damaged state is not a session: count the voxels
-        return mb.count_segment_voxels(segmentation_node, segment_id, volume_node)
+        return count_segment_voxels(segmentation_node, segment_id, volume_node)
 
     def can_undo(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> bool:
         target = self._target(segmentation_node, segment_id, volume_node, create=False)
@@ -1384,7 +1390,10 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         cached = self._volumes.get(volume_node.GetID())
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        volume = _bridge().volume_from_node(volume_node)
+        _add_library_path()
+        from MAISSegmentLib.mrml_volumes import volume_from_node
+
+        volume = volume_from_node(volume_node)
         volume.array.flags.writeable = False
         self._volumes[volume_node.GetID()] = (stamp, volume)
         return volume
@@ -1412,7 +1421,10 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
 
     def _overwrite_mode(self) -> str:
         if self.segment_editor_node is not None:
-            return _bridge().overwrite_mode_from_editor_node(self.segment_editor_node)
+            _add_library_path()
+            from MAISSegmentLib.mrml_masking import overwrite_mode_from_editor_node
+
+            return overwrite_mode_from_editor_node(self.segment_editor_node)
         if self.overwrite not in OVERWRITE_MODES:
             raise MAISSegmentError(_("Unknown overwrite mode '{mode}'.").format(mode=self.overwrite))
         return self.overwrite
@@ -1465,9 +1477,14 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         """Read what an update needs from MRML (main thread): the points, and the volume when a session starts."""
         started = time.perf_counter()
         self.ensure_dependencies()
-        mb = _bridge()
+        _add_library_path()
+        from MAISSegmentLib.mrml_markups import clicks_from_markups, next_click_order
+        from MAISSegmentLib.mrml_masking import is_segment_locked, protected_mask
+        from MAISSegmentLib.mrml_state import load_state
+        from MAISSegmentLib.mrml_volumes import BridgeError
+
         target = self._target(segmentation_node, segment_id, volume_node)
-        if mb.is_segment_locked(segmentation_node, segment_id):
+        if is_segment_locked(segmentation_node, segment_id):
             raise MAISSegmentError(_("This segment is locked for MAISSegment; unlock it to segment it."))
         target.include_node_id = include_node.GetID() if include_node is not None else None
         target.exclude_node_id = exclude_node.GetID() if exclude_node is not None else None
@@ -1482,18 +1499,14 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         if target.session is None:
             volume = self._volume(volume_node)
             try:
-                state = mb.load_state(segmentation_node, segment_id)
-            except mb.BridgeError as exc:
+                state = load_state(segmentation_node, segment_id)
+            except BridgeError as exc:
                 logging.warning("MAISSegment: %s; starting a new session", exc)
-            if (
-                state is not None
-                and _state_fits(state, volume)
-                and mb.next_click_order(include_node, exclude_node) == 0
-            ):
+            if state is not None and _state_fits(state, volume) and next_click_order(include_node, exclude_node) == 0:
                 # the point lists lost the stored clicks (e.g. only the .seg.nrrd was loaded): put them back first,
                 # so that points placed since count as new clicks instead of replacing the stored ones
                 _add_state_points(state, include_node, exclude_node)
-        request = UpdateRequest(target, mb.clicks_from_markups(include_node, exclude_node), options, volume=volume)
+        request = UpdateRequest(target, clicks_from_markups(include_node, exclude_node), options, volume=volume)
         request.state, request.started = state, started
         if state is not None and not _state_fits(state, volume):
             request.state = None
@@ -1503,7 +1516,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         target.busy = True  # until apply_update / update_failed: the worker owns the session meanwhile
         if target.session is None or self._protection_stamp(target) != target.protection_stamp:
             # the other segments changed since the session's protected mask was made (or there is no session yet)
-            request.protected = mb.protected_mask(segmentation_node, segment_id, volume_node, self._overwrite_mode())
+            request.protected = protected_mask(segmentation_node, segment_id, volume_node, self._overwrite_mode())
         return request
 
     def _new_session(self, model: Any, volume: Any, protected: Any, state: dict | None) -> Any:
@@ -1747,10 +1760,12 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
 
     def _adopt_segment(self, target: _Target) -> None:
         """Take the segment's current content as MAISSegment's own (the user agreed to replace it)."""
+        _add_library_path()
+        from MAISSegmentLib.mrml_volumes import read_segment
         from MAISSegmentLib.segment_edits import BoxedMask
 
         segmentation, volume = self._nodes(target)
-        current = _bridge().read_segment(segmentation, target.segment_id, volume)
+        current = read_segment(segmentation, target.segment_id, volume)
         self._edits(target).set_baseline(BoxedMask.from_dense(current))
 
     def allow_rewrite(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> None:
@@ -1776,11 +1791,13 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         target = self._target(segmentation_node, segment_id, volume_node, create=False)
         if target is None or target.session is None or target.edits is None or not target.edits.edited_count():
             return UpdateResult("none", model=self.model_label)
-        mb = _bridge()
+        _add_library_path()
+        from MAISSegmentLib.mrml_volumes import read_segment_box
+
         edits = target.edits
         edited_before = _copy_boxed(edits.edited)
         box = edits.forget_edits()
-        current = mb.read_segment_box(segmentation_node, segment_id, volume_node, box)
+        current = read_segment_box(segmentation_node, segment_id, volume_node, box)
         edits.wrote(box, current)  # what is there now is MAISSegment's to replace
         try:
             record = self._write(target, box)
@@ -1812,12 +1829,15 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         return (mode, visibility, tuple(others))
 
     def _write(self, target: _Target, box: Any) -> Any:
-        mb = _bridge()
+        _add_library_path()
+        from MAISSegmentLib.mrml_masking import editable_mask, editing_restricted
+        from MAISSegmentLib.mrml_writing import write_mask
+
         segmentation, volume = self._nodes(target)
         editable = None
-        if mb.editing_restricted(self.segment_editor_node):
-            editable = mb.editable_mask(segmentation, target.segment_id, volume, self.segment_editor_node)
-        record = mb.write_mask(
+        if editing_restricted(self.segment_editor_node):
+            editable = editable_mask(segmentation, target.segment_id, volume, self.segment_editor_node)
+        record = write_mask(
             segmentation,
             target.segment_id,
             volume,
@@ -1981,11 +2001,13 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         stack = None if target is None else (target.redo if redo else target.undo)
         if not stack:
             return UpdateResult("none", model=self.model_label)
-        mb = _bridge()
+        _add_library_path()
+        from MAISSegmentLib.mrml_writing import redo_write, undo_write
+
         operation = stack[-1]
         if operation.record is not None:  # MRML first: if the segment cannot be restored, nothing changes
             record = operation.record
-            (mb.redo_write if redo else mb.undo_write)(segmentation_node, record)
+            (redo_write if redo else undo_write)(segmentation_node, record)
             if target.edits is not None:  # the segment holds the record's content again, edits as they were then
                 target.edits.wrote(record.box, (record.after if redo else record.before)(target.segment_id))
                 edited = operation.edited_after if redo else operation.edited_before
@@ -2014,7 +2036,9 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         nodes = {True: self._node(target, target.include_node_id), False: self._node(target, target.exclude_node_id)}
         if nodes[True] is None and nodes[False] is None:
             return
-        mb = _bridge()
+        _add_library_path()
+        from MAISSegmentLib.mrml_markups import add_click_point, click_order, set_click_order
+
         clicks = [_click_pair(c) for c in target.session.clicks] if target.session is not None else []
         existing: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
         # control point IDs are unique within a point list only: points are keyed by (side, ID)
@@ -2063,15 +2087,15 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
                     if include != side:
                         continue
                     if n not in matched:
-                        mb.add_click_point(node, ras, n)
+                        add_click_point(node, ras, n)
                         continue
                     if (side, matched[n]) in later:
                         continue  # moved since the update: left where the user put it, for the next update
                     index = node.GetNthControlPointIndexByID(matched[n])
                     if (side, matched[n]) in moved:
                         node.SetNthControlPointPositionWorld(index, *moved[(side, matched[n])])
-                    if mb.click_order(node, index) != n:
-                        mb.set_click_order(node, index, n)
+                    if click_order(node, index) != n:
+                        set_click_order(node, index, n)
             finally:
                 node.EndModify(modifying)
 
@@ -2082,7 +2106,10 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         segmentation = self._node(target, target.segmentation_node_id)
         if segmentation is None or segmentation.GetSegmentation().GetSegment(target.segment_id) is None:
             return
-        _bridge().save_state(segmentation, target.segment_id, target.session.state())
+        _add_library_path()
+        from MAISSegmentLib.mrml_state import save_state
+
+        save_state(segmentation, target.segment_id, target.session.state())
 
     def save_state_to_scene(self) -> int:
         """Store every session's state (clicks, options, model id) in its segment's ``MAISSegment.State`` tag, saved
@@ -2110,10 +2137,13 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         Raises:
             MAISSegmentError: the segment has no stored state. ConfigError: the state belongs to another image.
         """
-        mb = _bridge()
+        _add_library_path()
+        from MAISSegmentLib.mrml_masking import protected_mask
+        from MAISSegmentLib.mrml_state import load_state
+
         self.ensure_dependencies()
         target = self._target(segmentation_node, segment_id, volume_node)
-        state = mb.load_state(segmentation_node, segment_id)
+        state = load_state(segmentation_node, segment_id)
         if state is None:
             raise MAISSegmentError(_("This segment has no stored MAISSegment points to continue from."))
         if include_node is None and exclude_node is None:
@@ -2121,7 +2151,7 @@ class MAISSegmentLogic(ScriptedLoadableModuleLogic):
         model = self.ensure_model()
         t0 = time.perf_counter()
         volume = self._volume(volume_node)
-        protected = mb.protected_mask(segmentation_node, segment_id, volume_node, self._overwrite_mode())
+        protected = protected_mask(segmentation_node, segment_id, volume_node, self._overwrite_mode())
         from MAISSegmentLib.segment_edits import BoxedMask, SegmentEdits
         from MAISSegmentLib.session import state_weights_match
         from MAISSegmentLib.weights_identity import weights_sha256
@@ -2632,6 +2662,9 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if slicer.util.confirmYesNoDisplay(question, _("MAISSegment: segment made with another model")):
             self.logic.allow_rewrite(nodes[0], target.segment_id, nodes[1])
             return True
+        _add_library_path()
+        from MAISSegmentLib.mrml_markups import click_order
+
         p = self._parameterNode
         self._ignorePointEvents = True
         try:
@@ -2639,7 +2672,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if node is None:
                     continue
                 for index in reversed(range(node.GetNumberOfControlPoints())):
-                    if _bridge().click_order(node, index) is None:  # placed now, never applied
+                    if click_order(node, index) is None:  # placed now, never applied
                         node.RemoveNthControlPoint(index)
         finally:
             self._ignorePointEvents = False
@@ -3143,7 +3176,7 @@ class MAISSegmentTest(ScriptedLoadableModuleTest):
 
     def test_work_made_meanwhile_is_kept(self):
         self.delayDisplay(_("Points placed while computing are kept; undo never overwrites a later edit"))
-        from MAISSegmentLib import mrml_bridge as mb
+        from MAISSegmentLib.mrml_writing import EditedSinceError
 
         volume, segmentation, ids = self.make_scene()
         target = (segmentation, ids["target"], volume)
@@ -3158,7 +3191,7 @@ class MAISSegmentTest(ScriptedLoadableModuleTest):
         edited = self.segment_array(*target).astype(bool)
         edited[tuple(np.argwhere(edited)[0])] = False  # a Segment Editor edit after the last click
         slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), segmentation, ids["target"], volume)
-        with self.assertRaises(mb.EditedSinceError):
+        with self.assertRaises(EditedSinceError):
             logic.undo(*target)
         self.assertTrue(np.array_equal(self.segment_array(*target).astype(bool), edited))
         self.delayDisplay(_("Test passed"))

@@ -288,13 +288,13 @@ def test_icon_is_a_small_128px_png():
 
 # ================================================================================================ (b) the module
 def test_module_description_parameters_and_library_constants(module):
-    from MAISSegmentLib import mrml_bridge
+    from MAISSegmentLib import mrml_masking
     from MAISSegmentLib.devices import DEVICE_CHOICES
 
     parent = types.SimpleNamespace()
     module.MAISSegment(parent)
     assert parent.title and parent.categories == ["Segmentation"] and parent.helpText and parent.contributors
-    assert module.DEVICES == DEVICE_CHOICES and module.OVERWRITE_MODES == mrml_bridge.OVERWRITE_MODES
+    assert module.DEVICES == DEVICE_CHOICES and module.OVERWRITE_MODES == mrml_masking.OVERWRITE_MODES
     params = module.MAISSegmentParameterNode(None)
     assert (params.device, params.useMemory, params.memorySize, params.overwriteMode) == ("auto", True, 60, "none")
     assert set(parameter_fields()) == set(module.MAISSegmentParameterNode.allParameters)
@@ -485,20 +485,21 @@ def arrays(s) -> dict[str, np.ndarray]:
 
 def point_clicks(include, exclude, decimals: int | None = 6) -> list[tuple[tuple[float, ...], bool]]:
     """The clicks the point lists hold, in order (rounded for comparisons; ``decimals=None``: exact)."""
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_markups
 
-    clicks = mb.clicks_from_markups(include, exclude)
+    clicks = mrml_markups.clicks_from_markups(include, exclude)
     return [(tuple(r if decimals is None else np.round(r, decimals)), inc) for r, inc in clicks]
 
 
 def reference_mask(s, clicks, segment="target", overwrite="none") -> np.ndarray:
     """An InteractiveSession run directly on the volume (no logic, no markups): the expected mask."""
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_masking, mrml_volumes
     from MAISSegmentLib.session import InteractiveSession
 
     session = InteractiveSession(s.logic.ensure_model())
     session.set_image(
-        mb.volume_from_node(s.volume), protected=mb.protected_mask(s.seg, s.ids[segment], s.volume, overwrite)
+        mrml_volumes.volume_from_node(s.volume),
+        protected=mrml_masking.protected_mask(s.seg, s.ids[segment], s.volume, overwrite),
     )
     for ras, include in clicks:
         session.add_click(ras, include)
@@ -638,7 +639,7 @@ def test_undo_and_redo_refuse_to_overwrite_edits_made_since(scene):
     same for redo."""
     import slicer
 
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_writing
 
     s = scene
     target = (s.seg, s.ids["target"], s.volume)
@@ -650,7 +651,7 @@ def test_undo_and_redo_refuse_to_overwrite_edits_made_since(scene):
     painted = clicked["target"].copy()
     painted[tuple(np.argwhere(painted)[0])] = False  # erase one voxel the click set (inside the box it wrote)
     slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), s.seg, s.ids["target"], s.volume)
-    with pytest.raises(mb.EditedSinceError, match="edited since"):
+    with pytest.raises(mrml_writing.EditedSinceError, match="edited since"):
         s.logic.undo(*target)
     assert np.array_equal(arrays(s)["target"], painted) and len(s.logic.session(*target).clicks) == 1
     assert point_clicks(include, exclude) and s.logic.can_undo(*target)
@@ -659,7 +660,7 @@ def test_undo_and_redo_refuse_to_overwrite_edits_made_since(scene):
     )
     assert s.logic.undo(*target).action == "undo" and not arrays(s)["target"].any()
     slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), s.seg, s.ids["target"], s.volume)
-    with pytest.raises(mb.EditedSinceError, match="redone"):
+    with pytest.raises(mrml_writing.EditedSinceError, match="redone"):
         s.logic.redo(*target)
     assert np.array_equal(arrays(s)["target"], painted) and s.logic.can_redo(*target)
 
@@ -688,7 +689,7 @@ def test_segment_editor_masking_settings_are_honoured(scene, mrml):
 
 
 def test_refused_points_and_locked_segments_change_nothing(scene, module):
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_masking
 
     s = scene
     target = (s.seg, s.ids["target"], s.volume)
@@ -701,7 +702,7 @@ def test_refused_points_and_locked_segments_change_nothing(scene, module):
     assert include.GetNumberOfControlPoints() == exclude.GetNumberOfControlPoints() == 0  # the points were removed
     assert all(np.array_equal(arrays(s)[k], before[k]) for k in before)
     assert "Refused" in s.logic.describe(result)
-    mb.set_segment_locked(s.seg, s.ids["target"])
+    mrml_masking.set_segment_locked(s.seg, s.ids["target"])
     s.T.place(include, s.T.ras((30, 25, 20)))
     with pytest.raises(module.MAISSegmentError, match="locked"):
         s.logic.on_points_changed(*target, include, exclude)
@@ -731,7 +732,7 @@ def test_switching_segments_and_back_keeps_each_memory(scene):
 def test_state_in_segment_tags_survives_seg_nrrd_and_a_new_logic_continues(scene, tmp_path, module, mrml):
     import slicer
 
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_state
 
     s = scene
     target = (s.seg, s.ids["target"], s.volume)
@@ -749,7 +750,7 @@ def test_state_in_segment_tags_survives_seg_nrrd_and_a_new_logic_continues(scene
     reader.SetFileName(str(path))
     assert reader.ReadData(reloaded)
     rid = reloaded.GetSegmentation().GetSegmentIdBySegmentName("target")
-    assert mb.load_state(reloaded, rid)["clicks"] == mb.load_state(s.seg, s.ids["target"])["clicks"]
+    assert mrml_state.load_state(reloaded, rid)["clicks"] == mrml_state.load_state(s.seg, s.ids["target"])["clicks"]
     # a new logic restores the session (the point lists are re-created from the state) and continues
     logic2 = module.MAISSegmentTest.make_logic()
     restored = logic2.restore_from_scene(reloaded, rid, s.volume)
@@ -939,13 +940,13 @@ def test_unrelated_errors_are_not_reported_as_memory_problems(started, monkeypat
 
 
 def test_selected_point_rules(mrml, module):
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_markups
 
     logic = module.MAISSegmentLogic()
     include, exclude = mrml.add_points("include"), mrml.add_points("exclude")
     assert logic.selected_point(include, exclude) == (None, -1)
     for order, (node, ras) in enumerate(((include, (0, 0, 0)), (exclude, (1, 0, 0)), (include, (2, 0, 0)))):
-        mb.add_click_point(node, ras, order)
+        mrml_markups.add_click_point(node, ras, order)
     node, index = logic.selected_point(include, exclude)  # all selected (Slicer's default): the last click
     assert node is include and index == 1
     for n in range(2):
@@ -1056,15 +1057,17 @@ def test_download_a_registered_model_from_the_module(scene, module, monkeypatch,
 def test_masking_is_computed_only_when_the_editor_restricts_editing(mrml, module):
     import slicer
 
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_masking
 
     editor = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-    assert not mb.editing_restricted(None) and not mb.editing_restricted(editor)  # default: everywhere, no range
+    assert not mrml_masking.editing_restricted(None) and not mrml_masking.editing_restricted(
+        editor
+    )  # default: everywhere, no range
     editor.SetSourceVolumeIntensityMask(True)
-    assert mb.editing_restricted(editor)
+    assert mrml_masking.editing_restricted(editor)
     editor.SetSourceVolumeIntensityMask(False)
     editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideAllSegments)
-    assert mb.editing_restricted(editor)
+    assert mrml_masking.editing_restricted(editor)
 
 
 def test_missing_selection_messages(scene, module):
