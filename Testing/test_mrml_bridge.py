@@ -1,5 +1,6 @@
-"""mrml_bridge against real MRML nodes (slicer-core, headless): volumes, transforms, markups, masked segment
-writes with undo, session state in segment tags, .seg.nrrd read back by slicerio, and one end-to-end click."""
+"""The bridge to Slicer (MAISSegmentLib/mrml_*.py) against real MRML nodes (slicer-core, headless): volumes, transforms,
+markups, masked segment writes with undo, session state in segment tags, .seg.nrrd read back by slicerio, and one
+end-to-end click."""
 
 from __future__ import annotations
 

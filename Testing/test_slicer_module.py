@@ -34,6 +34,7 @@ from conftest import TESTING, TINY
 ROOT = TESTING.parent
 MODULE_DIR = ROOT / "MAISSegment"
 MODULE_FILE = MODULE_DIR / "MAISSegment.py"
+LOGIC_DIR = MODULE_DIR / "MAISSegmentLogic"  # the logic's files, imported by the module file
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MAISSegment.ui"
 ICON_FILE = MODULE_DIR / "Resources" / "Icons" / "MAISSegment.png"
 REQUIREMENTS = ROOT / "Resources" / "requirements.txt"
@@ -62,6 +63,11 @@ NEUTRAL_TEXT = re.compile(r"^[\s\W]*$")  # separators such as "\n", " · ", "•
 
 def module_tree() -> ast.Module:
     return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+
+
+def python_files() -> list:
+    """The module file and every file of its logic package (all loaded when Slicer loads the module)."""
+    return [MODULE_FILE, *sorted(LOGIC_DIR.glob("*.py"))]
 
 
 def ui_widgets() -> dict[str, ET.Element]:
@@ -134,10 +140,11 @@ def test_ui_binds_only_parameter_node_fields_of_matching_types():
 
 
 def test_no_heavy_import_at_module_level():
-    """Only function bodies may import torch, MAISSegmentLib...: the module loads at Slicer start-up."""
+    """Only function bodies may import torch, MAISSegmentLib...: the module and its logic package load at Slicer
+    start-up."""
     offenders = []
 
-    def visit(statements):
+    def visit(statements, path):
         for node in statements:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue  # imported at first use
@@ -146,11 +153,13 @@ def test_no_heavy_import_at_module_level():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            offenders.extend(f"line {node.lineno}: {n}" for n in names if n.split(".")[0] in HEAVY)
+            offenders.extend(f"{path.name} line {node.lineno}: {n}" for n in names if n.split(".")[0] in HEAVY)
             for child in ("body", "orelse", "finalbody", "handlers"):
-                visit(getattr(node, child, []) or [])
+                visit(getattr(node, child, []) or [], path)
 
-    visit(module_tree().body)
+    assert len(python_files()) > 5  # the logic package is there
+    for path in python_files():
+        visit(ast.parse(path.read_text(encoding="utf-8")).body, path)
     assert not offenders, offenders
 
 
@@ -181,8 +190,9 @@ def _untranslated_literals(expression: ast.AST) -> list[str]:
     return found
 
 
-def test_user_visible_strings_are_translatable():
-    tree = module_tree()
+@pytest.mark.parametrize("path", python_files(), ids=lambda p: p.name)
+def test_user_visible_strings_are_translatable(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     problems = []
     for node in ast.walk(tree):
         if _is_tr_call(node) and node.func.id == "_":
@@ -239,7 +249,9 @@ def test_cmake_lists_declare_the_extension_and_package_the_library():
     listed = [
         f.replace("${MODULE_NAME}", "MAISSegment") for f in re.findall(r"^\s+(\S+\.(?:py|png|ui))$", module, re.M)
     ]
-    assert set(listed) == {"MAISSegment.py", "Resources/Icons/MAISSegment.png", "Resources/UI/MAISSegment.ui"}
+    logic = {f"MAISSegmentLogic/{p.name}" for p in LOGIC_DIR.glob("*.py")}  # every file of the logic package
+    assert "MAISSegmentLogic/__init__.py" in logic
+    assert set(listed) == {"MAISSegment.py", *logic, "Resources/Icons/MAISSegment.png", "Resources/UI/MAISSegment.ui"}
     assert all((MODULE_DIR / f).is_file() for f in listed)
     assert re.search(
         r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\).*endif", module, re.S
