@@ -1,6 +1,7 @@
 """MAISSegmentLib: the torch side of MAISSegment (network, memory, checkpoints, CLI).
 
-Pure Python + torch; never imports ``slicer``, ``qt`` or ``vtk`` (only ``mrml_bridge`` does).
+Pure Python + torch; never imports ``slicer``, ``qt`` or ``vtk`` (only the ``mrml_*`` modules, the bridge to
+Slicer, do).
 """
 
 from .checkpoint import build_model, load_checkpoint, save_checkpoint

@@ -2,7 +2,7 @@
 
 What happens (``LearnRun.run()`` or, non-blocking, ``start()`` + ``poll()`` + ``finish()``):
 
-1. The cases (a ``data.load_cases`` manifest or folder, e.g. written by ``mrml_bridge.export_cases``) are split:
+1. The cases (a ``data.load_cases`` manifest or folder, e.g. written by ``mrml_export.export_cases``) are split:
    the cases whose split is ``"test"`` (else the last ``holdout`` cases) are held aside, the others train.
 2. A separate Python process (``python -m MAISSegmentLib.learn_worker CONFIG``) fine-tunes the base checkpoint with
    the MAIS recipe (:func:`MAISSegmentLib.train.train`, mode ``"finetune"``: encoder frozen), then runs the robot user

@@ -8,7 +8,7 @@ every later write) until the user explicitly lets the model overwrite them (:met
 
 Everything is a bool mask on the segment's reference grid, KJI order, stored only inside the box that holds its
 True voxels (:class:`BoxedMask`), so a segment costs one byte per voxel of its own bounding box, not of the volume.
-Pure numpy: no MRML, no torch; :mod:`MAISSegmentLib.mrml_bridge` reads and writes the segments.
+Pure numpy: no MRML, no torch; :mod:`MAISSegmentLib.mrml_writing` reads and writes the segments.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ Only what the module file needs at import time and what its logic and in-Slicer 
 - ``qt`` and ``ctk``: empty modules (only the widget, which these tests do not run, uses them).
 
 :func:`installed` injects them into ``sys.modules`` and the ``slicer`` package and restores everything afterwards;
-:func:`load_module_file` imports the module file under a private name; the ``module`` fixture (import
-``module_fixture`` into a test file) gives the imported module file to the tests of that file.
+:func:`load_module_file` imports the module file under a private name, with its folder on ``sys.path`` as Slicer
+has it (the logic package ``MAISSegment/MAISSegmentLogic/`` is imported from there, afresh); the ``module`` fixture
+(import ``module_fixture`` into a test file) gives the imported module file to the tests of that file.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import pytest
 
 MODULE_FILE = Path(__file__).resolve().parents[1] / "MAISSegment" / "MAISSegment.py"
+LOGIC_PACKAGE = "MAISSegmentLogic"  # beside the module file: imported by it from the module's folder
 STUBBED = ("slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper", "slicer.i18n", "qt", "ctk")
 
 
@@ -176,8 +178,23 @@ def installed() -> Iterator[dict[str, types.ModuleType]]:
                 setattr(slicer, attribute, value)
 
 
+def forget_logic_package() -> None:
+    """Drop the imported logic package (``MAISSegmentLogic.*``) from ``sys.modules``: the next import reads it again,
+    with the stand-ins installed then."""
+    for name in [m for m in sys.modules if m == LOGIC_PACKAGE or m.startswith(LOGIC_PACKAGE + ".")]:
+        del sys.modules[name]
+
+
 def load_module_file(path: Path, name: str = "MAISSegment_under_test") -> types.ModuleType:
-    """Import a module file under ``name`` (registered in ``sys.modules`` so that dataclasses and typing resolve)."""
+    """Import a module file under ``name`` (registered in ``sys.modules`` so that dataclasses and typing resolve).
+
+    Its folder is put on ``sys.path`` first, as Slicer does for a module's folder, so that the module file's
+    ``from MAISSegmentLogic... import ...`` finds the logic package beside it (imported afresh).
+    """
+    folder = str(Path(path).resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    forget_logic_package()
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -202,3 +219,4 @@ def module_fixture() -> Iterator[types.ModuleType]:
             yield loaded
         finally:
             sys.modules.pop(loaded.__name__, None)
+            forget_logic_package()

@@ -1,5 +1,6 @@
-"""mrml_bridge against real MRML nodes (slicer-core, headless): volumes, transforms, markups, masked segment
-writes with undo, session state in segment tags, .seg.nrrd read back by slicerio, and one end-to-end click."""
+"""The bridge to Slicer (MAISSegmentLib/mrml_*.py) against real MRML nodes (slicer-core, headless): volumes, transforms,
+markups, masked segment writes with undo, session state in segment tags, .seg.nrrd read back by slicerio, and one
+end-to-end click."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ if not HAVE_SLICER:
 import slicer
 import vtk
 
-from MAISSegmentLib import mrml_bridge as mb
+from MAISSegmentLib import mrml_export, mrml_markups, mrml_masking, mrml_state, mrml_volumes, mrml_writing
 from MAISSegmentLib.errors import MAISError
 from MAISSegmentLib.roi import Box
 
@@ -94,7 +95,7 @@ def fill(seg, volume, ids, target=True):
         slicer.util.updateSegmentBinaryLabelmapFromArray(block((2, 2, 2), (12, 10, 8)), seg, ids["target"], volume)
     slicer.util.updateSegmentBinaryLabelmapFromArray(block((36, 20, 15), (50, 32, 25)), seg, ids["other"], volume)
     slicer.util.updateSegmentBinaryLabelmapFromArray(block((28, 15, 10), (40, 25, 30)), seg, ids["locked"], volume)
-    mb.set_segment_locked(seg, ids["locked"])
+    mrml_masking.set_segment_locked(seg, ids["locked"])
 
 
 def all_arrays(seg, volume, ids) -> dict[str, np.ndarray]:
@@ -105,7 +106,7 @@ def all_arrays(seg, volume, ids) -> dict[str, np.ndarray]:
 def test_volume_round_trip_on_an_oblique_anisotropic_volume(mrml):
     arr = image()
     node = mrml.add_volume(arr, oblique_affine())
-    vol = mb.volume_from_node(node)
+    vol = mrml_volumes.volume_from_node(node)
     assert vol.array.shape == SHAPE and np.array_equal(vol.array, arr)
     assert np.allclose(vol.ijk_to_ras, oblique_affine(), atol=1e-9)
     assert np.allclose(vol.spacing, [0.7, 0.9, 2.0])
@@ -127,7 +128,7 @@ def test_linear_parent_transforms_are_applied(mrml):
     outer = mrml.add_linear_transform(rigid(-35.0, [-7.0, 2.0, 1.5]), "outer")
     inner.SetAndObserveTransformNodeID(outer.GetID())
     node.SetAndObserveTransformNodeID(inner.GetID())
-    vol = mb.volume_from_node(node)
+    vol = mrml_volumes.volume_from_node(node)
     assert np.allclose(
         vol.ijk_to_ras, rigid(-35.0, [-7.0, 2.0, 1.5]) @ rigid(20.0, [5.0, -3.0, 12.0]) @ oblique_affine()
     )
@@ -140,31 +141,31 @@ def test_linear_parent_transforms_are_applied(mrml):
 def test_a_non_linear_transform_is_refused(mrml):
     node = mrml.add_volume(image(), oblique_affine())
     node.SetAndObserveTransformNodeID(mrml.add_warp_transform().GetID())
-    with pytest.raises(mb.BridgeError, match=r"[Hh]arden"):
-        mb.volume_from_node(node)
-    assert issubclass(mb.BridgeError, MAISError)
+    with pytest.raises(mrml_volumes.BridgeError, match=r"[Hh]arden"):
+        mrml_volumes.volume_from_node(node)
+    assert issubclass(mrml_volumes.BridgeError, MAISError)
 
 
 def test_non_scalar_or_empty_volumes_are_refused(mrml):
     empty = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
-    with pytest.raises(mb.BridgeError, match="no voxels"):
-        mb.volume_from_node(empty)
-    with pytest.raises(mb.BridgeError, match="scalar volume"):
-        mb.volume_from_node(mrml.add_points())
+    with pytest.raises(mrml_volumes.BridgeError, match="no voxels"):
+        mrml_volumes.volume_from_node(empty)
+    with pytest.raises(mrml_volumes.BridgeError, match="scalar volume"):
+        mrml_volumes.volume_from_node(mrml.add_points())
 
 
 # ------------------------------------------------------------------------------------------------ markups
 def test_markups_are_ordered_by_stored_order_and_read_in_world_coordinates(mrml):
     inc, exc = mrml.add_points("include"), mrml.add_points("exclude")
-    mb.add_click_point(inc, (1.0, 2.0, 3.0), order=2)
-    mb.add_click_point(exc, (4.0, 5.0, 6.0), order=1)
-    mb.add_click_point(inc, (7.0, 8.0, 9.0), order=0)
+    mrml_markups.add_click_point(inc, (1.0, 2.0, 3.0), order=2)
+    mrml_markups.add_click_point(exc, (4.0, 5.0, 6.0), order=1)
+    mrml_markups.add_click_point(inc, (7.0, 8.0, 9.0), order=0)
     inc.AddControlPoint(vtk.vtkVector3d(10.0, 11.0, 12.0), "no order")  # no order: after the ordered ones
     exc.AddControlPoint(vtk.vtkVector3d(13.0, 14.0, 15.0), "no order either")
     being_placed = inc.AddControlPoint(vtk.vtkVector3d(99.0, 99.0, 99.0), "undefined")
     inc.UnsetNthControlPointPosition(being_placed)
-    assert mb.next_click_order(inc, exc, None) == 3
-    clicks = mb.clicks_from_markups(inc, exc)
+    assert mrml_markups.next_click_order(inc, exc, None) == 3
+    clicks = mrml_markups.clicks_from_markups(inc, exc)
     assert [tuple(p) for p, _ in clicks] == [(7, 8, 9), (4, 5, 6), (1, 2, 3), (10, 11, 12), (13, 14, 15)]
     assert [inc_ for _, inc_ in clicks] == [True, False, True, True, False]
     assert inc.GetNthControlPointDescription(0) == "mais:order=2"
@@ -172,21 +173,21 @@ def test_markups_are_ordered_by_stored_order_and_read_in_world_coordinates(mrml)
     shift = np.eye(4)
     shift[:3, 3] = [10.0, -20.0, 5.0]
     inc.SetAndObserveTransformNodeID(mrml.add_linear_transform(shift).GetID())
-    moved = mb.clicks_from_markups(inc, None)
+    moved = mrml_markups.clicks_from_markups(inc, None)
     assert np.allclose(moved[0][0], [17.0, -12.0, 14.0]) and np.allclose(moved[1][0], [11.0, -18.0, 8.0])
     # a point placed in world coordinates under that transform lands where asked
-    idx = mb.add_click_point(inc, (0.0, 0.0, 0.0), order=7)
+    idx = mrml_markups.add_click_point(inc, (0.0, 0.0, 0.0), order=7)
     world = [0.0, 0.0, 0.0]
     inc.GetNthControlPointPositionWorld(idx, world)
-    assert np.allclose(world, 0.0) and mb.click_order(inc, idx) == 7
-    assert mb.clicks_from_markups(None, None) == []
+    assert np.allclose(world, 0.0) and mrml_markups.click_order(inc, idx) == 7
+    assert mrml_markups.clicks_from_markups(None, None) == []
 
 
 def test_markups_clicks_do_not_depend_on_the_files_lps_or_ras_convention(mrml, tmp_path):
     inc = mrml.add_points("include")
     points = [(12.5, -40.25, 88.0), (-3.0, 7.5, -1.25)]
     for n, p in enumerate(points):
-        mb.add_click_point(inc, p, order=n)
+        mrml_markups.add_click_point(inc, p, order=n)
     for system, code in (("LPS", slicer.vtkMRMLStorageNode.CoordinateSystemLPS), ("RAS", 0)):
         path = tmp_path / f"points_{system}.mrk.json"
         writer = slicer.vtkMRMLMarkupsJsonStorageNode()
@@ -198,7 +199,7 @@ def test_markups_clicks_do_not_depend_on_the_files_lps_or_ras_convention(mrml, t
         reader = slicer.vtkMRMLMarkupsJsonStorageNode()
         reader.SetFileName(str(path))
         assert reader.ReadData(again)
-        clicks = mb.clicks_from_markups(again, None)
+        clicks = mrml_markups.clicks_from_markups(again, None)
         assert np.allclose([p for p, _ in clicks], points, atol=1e-6)
 
 
@@ -209,7 +210,7 @@ def test_write_mask_writes_only_the_box_and_never_touches_other_segments(scene):
     before = all_arrays(seg, volume, ids)
     mask = block((5, 5, 5), (45, 40, 30))  # overlaps the target, "other" and "locked"; reaches beyond the box
     box = Box((8, 6, 4), (40, 36, 28))
-    record = mb.write_mask(seg, ids["target"], volume, mask, box, overwrite="none")
+    record = mrml_writing.write_mask(seg, ids["target"], volume, mask, box, overwrite="none")
     after = all_arrays(seg, volume, ids)
     inside = np.zeros(SHAPE, bool)
     inside[box.slices] = True
@@ -220,11 +221,11 @@ def test_write_mask_writes_only_the_box_and_never_touches_other_segments(scene):
     assert np.array_equal(after["other"], before["other"]) and np.array_equal(after["locked"], before["locked"])
     assert record.changed and record.segment_ids == [ids["target"]]
     # our reader agrees with Slicer's export
-    assert np.array_equal(mb.read_segment(seg, ids["target"], volume), after["target"])
+    assert np.array_equal(mrml_volumes.read_segment(seg, ids["target"], volume), after["target"])
     # undo restores exactly, redo re-applies
-    assert mb.undo_write(seg, record) == box
+    assert mrml_writing.undo_write(seg, record) == box
     assert all(np.array_equal(a, b) for a, b in zip(all_arrays(seg, volume, ids).values(), before.values()))
-    mb.redo_write(seg, record)
+    mrml_writing.redo_write(seg, record)
     assert all(np.array_equal(a, b) for a, b in zip(all_arrays(seg, volume, ids).values(), after.values()))
 
 
@@ -236,16 +237,16 @@ def test_write_mask_respects_the_editable_area(scene):
     editable[:, :, :20] = True  # i < 20 only
     mask = block((0, 0, 0), (60, 50, 40))
     mask[block((4, 4, 4), (8, 8, 6)).astype(bool)] = 0  # a hole inside the existing target: erasing is masked too
-    record = mb.write_mask(seg, ids["target"], volume, mask, Box((0, 0, 0), (60, 50, 40)), editable=editable)
+    record = mrml_writing.write_mask(seg, ids["target"], volume, mask, Box((0, 0, 0), (60, 50, 40)), editable=editable)
     after = all_arrays(seg, volume, ids)
     others = (before["other"] | before["locked"]).astype(bool)
     assert np.array_equal(after["target"], np.where(editable & ~others, mask, before["target"]))
     assert not after["target"][:, :, 20:].any() and after["target"][:, :, :20].sum() > 0
-    mb.undo_write(seg, record)
+    mrml_writing.undo_write(seg, record)
     assert np.array_equal(slicer_segment_array(seg, ids["target"], volume), before["target"])
     # closed surfaces that existed are re-created from the new labelmap
     seg.CreateClosedSurfaceRepresentation()
-    mb.redo_write(seg, record)
+    mrml_writing.redo_write(seg, record)
     surface = seg.GetSegmentation().GetSegment(ids["target"]).GetRepresentation("Closed surface")
     assert surface is not None and surface.GetNumberOfPoints() > 0
     bounds = np.array(surface.GetBounds()).reshape(3, 2)
@@ -259,9 +260,9 @@ def test_overwrite_all_takes_voxels_from_other_segments_except_locked_ones(scene
     segmentation = seg.GetSegmentation()
     box = Box((0, 0, 0), (60, 50, 40))
     # write the other segments through the bridge too: they stay in the target's (shared) layer
-    mb.write_mask(seg, ids["other"], volume, block((20, 20, 15), (35, 32, 25)), box, overwrite="all")
-    mb.write_mask(seg, ids["locked"], volume, block((36, 15, 10), (40, 25, 30)), box, overwrite="all")
-    mb.set_segment_locked(seg, ids["locked"])
+    mrml_writing.write_mask(seg, ids["other"], volume, block((20, 20, 15), (35, 32, 25)), box, overwrite="all")
+    mrml_writing.write_mask(seg, ids["locked"], volume, block((36, 15, 10), (40, 25, 30)), box, overwrite="all")
+    mrml_masking.set_segment_locked(seg, ids["locked"])
     if not shared:
         segmentation.SeparateSegmentLabelmap(ids["other"])
         segmentation.SeparateSegmentLabelmap(ids["locked"])
@@ -269,7 +270,7 @@ def test_overwrite_all_takes_voxels_from_other_segments_except_locked_ones(scene
     assert same_layer == shared and (segmentation.GetNumberOfLayers() == 1) == shared
     before = all_arrays(seg, volume, ids)
     mask = block((10, 10, 10), (45, 40, 30))
-    record = mb.write_mask(seg, ids["target"], volume, mask, box, overwrite="all")
+    record = mrml_writing.write_mask(seg, ids["target"], volume, mask, box, overwrite="all")
     after = all_arrays(seg, volume, ids)
     locked = before["locked"].astype(bool)
     assert np.array_equal(after["target"], np.where(locked, 0, mask))
@@ -277,21 +278,21 @@ def test_overwrite_all_takes_voxels_from_other_segments_except_locked_ones(scene
     assert np.array_equal(after["locked"], before["locked"])
     assert not (after["target"] & after["other"]).any()
     assert set(record.segment_ids) == {ids["target"], ids["other"]}
-    mb.undo_write(seg, record)
+    mrml_writing.undo_write(seg, record)
     assert all(np.array_equal(a, b) for a, b in zip(all_arrays(seg, volume, ids).values(), before.values()))
-    mb.redo_write(seg, record)
+    mrml_writing.redo_write(seg, record)
     assert all(np.array_equal(a, b) for a, b in zip(all_arrays(seg, volume, ids).values(), after.values()))
 
 
 def test_overwrite_visible_spares_hidden_segments(scene):
     _, volume, seg, ids = scene
     fill(seg, volume, ids)
-    mb.set_segment_locked(seg, ids["locked"], False)
-    assert not mb.is_segment_locked(seg, ids["locked"])
+    mrml_masking.set_segment_locked(seg, ids["locked"], False)
+    assert not mrml_masking.is_segment_locked(seg, ids["locked"])
     seg.GetDisplayNode().SetSegmentVisibility(ids["locked"], False)
     before = all_arrays(seg, volume, ids)
     mask = block((10, 10, 10), (45, 40, 30))
-    mb.write_mask(seg, ids["target"], volume, mask, Box((0, 0, 0), (60, 50, 40)), overwrite="visible")
+    mrml_writing.write_mask(seg, ids["target"], volume, mask, Box((0, 0, 0), (60, 50, 40)), overwrite="visible")
     after = all_arrays(seg, volume, ids)
     assert np.array_equal(after["locked"], before["locked"])  # hidden: protected
     taken = mask & (1 - before["locked"])  # the target takes the mask except where protected (hidden) segments are
@@ -303,15 +304,17 @@ def test_protected_mask_per_overwrite_setting(scene):
     _, volume, seg, ids = scene
     fill(seg, volume, ids)
     arrays = {k: v.astype(bool) for k, v in all_arrays(seg, volume, ids).items()}
-    none = mb.protected_mask(seg, ids["target"], volume, "none")
+    none = mrml_masking.protected_mask(seg, ids["target"], volume, "none")
     assert np.array_equal(none, arrays["other"] | arrays["locked"])
-    assert np.array_equal(mb.protected_mask(seg, ids["target"], volume, "all"), arrays["locked"])
-    assert np.array_equal(mb.protected_mask(seg, ids["target"], volume, "visible"), arrays["locked"])
+    assert np.array_equal(mrml_masking.protected_mask(seg, ids["target"], volume, "all"), arrays["locked"])
+    assert np.array_equal(mrml_masking.protected_mask(seg, ids["target"], volume, "visible"), arrays["locked"])
     seg.GetDisplayNode().SetSegmentVisibility(ids["other"], False)
-    assert np.array_equal(mb.protected_mask(seg, ids["target"], volume, "visible"), arrays["other"] | arrays["locked"])
+    assert np.array_equal(
+        mrml_masking.protected_mask(seg, ids["target"], volume, "visible"), arrays["other"] | arrays["locked"]
+    )
     assert none.dtype == bool and none.shape == SHAPE
-    with pytest.raises(mb.BridgeError, match="overwrite"):
-        mb.protected_mask(seg, ids["target"], volume, "some")
+    with pytest.raises(mrml_volumes.BridgeError, match="overwrite"):
+        mrml_masking.protected_mask(seg, ids["target"], volume, "some")
 
 
 def test_editable_mask_and_overwrite_mode_from_the_segment_editor_node(scene):
@@ -321,13 +324,13 @@ def test_editable_mask_and_overwrite_mode_from_the_segment_editor_node(scene):
     editor = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
     editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
     editor.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments)
-    editable = mb.editable_mask(seg, ids["target"], volume, editor)
+    editable = mrml_masking.editable_mask(seg, ids["target"], volume, editor)
     assert np.array_equal(editable, ~(arrays["other"] | arrays["locked"]))  # the target itself stays editable
-    assert mb.overwrite_mode_from_editor_node(editor) == "visible"
+    assert mrml_masking.overwrite_mode_from_editor_node(editor) == "visible"
     editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
     editor.SetSourceVolumeIntensityMask(True)
     editor.SetSourceVolumeIntensityMaskRange(300.0, 1000.0)
-    assert np.array_equal(mb.editable_mask(seg, ids["target"], volume, editor), image() >= 300)
+    assert np.array_equal(mrml_masking.editable_mask(seg, ids["target"], volume, editor), image() >= 300)
 
 
 def test_write_mask_refuses_bad_input_without_modifying_anything(scene):
@@ -335,19 +338,21 @@ def test_write_mask_refuses_bad_input_without_modifying_anything(scene):
     fill(seg, volume, ids)
     before = all_arrays(seg, volume, ids)
     box = Box((0, 0, 0), (60, 50, 40))
-    with pytest.raises(mb.BridgeError, match="locked"):
-        mb.write_mask(seg, ids["locked"], volume, block((0, 0, 0), (9, 9, 9)), box)
-    with pytest.raises(mb.BridgeError, match="shape"):
-        mb.write_mask(seg, ids["target"], volume, np.ones((10, 10, 10), np.uint8), box)
-    with pytest.raises(mb.BridgeError, match="no segment"):
-        mb.write_mask(seg, "nope", volume, block((0, 0, 0), (9, 9, 9)), box)
-    with pytest.raises(mb.BridgeError, match="overwrite"):
-        mb.write_mask(seg, ids["target"], volume, block((0, 0, 0), (9, 9, 9)), box, overwrite="everything")
+    with pytest.raises(mrml_volumes.BridgeError, match="locked"):
+        mrml_writing.write_mask(seg, ids["locked"], volume, block((0, 0, 0), (9, 9, 9)), box)
+    with pytest.raises(mrml_volumes.BridgeError, match="shape"):
+        mrml_writing.write_mask(seg, ids["target"], volume, np.ones((10, 10, 10), np.uint8), box)
+    with pytest.raises(mrml_volumes.BridgeError, match="no segment"):
+        mrml_writing.write_mask(seg, "nope", volume, block((0, 0, 0), (9, 9, 9)), box)
+    with pytest.raises(mrml_volumes.BridgeError, match="overwrite"):
+        mrml_writing.write_mask(seg, ids["target"], volume, block((0, 0, 0), (9, 9, 9)), box, overwrite="everything")
     assert all(np.array_equal(a, b) for a, b in zip(all_arrays(seg, volume, ids).values(), before.values()))
-    record = mb.write_mask(seg, ids["target"], volume, block((0, 0, 0), (9, 9, 9)), box)
-    with pytest.raises(mb.BridgeError, match="another segmentation"):
-        mb.undo_write(mrml.add_segmentation(volume), record)
-    empty = mb.write_mask(seg, ids["target"], volume, block((0, 0, 0), (9, 9, 9)), Box((70, 0, 0), (80, 5, 5)))
+    record = mrml_writing.write_mask(seg, ids["target"], volume, block((0, 0, 0), (9, 9, 9)), box)
+    with pytest.raises(mrml_volumes.BridgeError, match="another segmentation"):
+        mrml_writing.undo_write(mrml.add_segmentation(volume), record)
+    empty = mrml_writing.write_mask(
+        seg, ids["target"], volume, block((0, 0, 0), (9, 9, 9)), Box((70, 0, 0), (80, 5, 5))
+    )
     assert not empty.changed and empty.box.empty
 
 
@@ -356,8 +361,8 @@ def test_segmentation_under_its_own_transform_gets_the_voxels_at_the_right_place
     shift = rigid(15.0, [4.0, -6.0, 9.0])
     seg.SetAndObserveTransformNodeID(mrml.add_linear_transform(shift).GetID())
     mask = block((20, 20, 10), (30, 28, 16))
-    mb.write_mask(seg, ids["target"], volume, mask, Box((0, 0, 0), (60, 50, 40)))
-    assert np.array_equal(mb.read_segment(seg, ids["target"], volume), mask)
+    mrml_writing.write_mask(seg, ids["target"], volume, mask, Box((0, 0, 0), (60, 50, 40)))
+    assert np.array_equal(mrml_volumes.read_segment(seg, ids["target"], volume), mask)
     # the labelmap voxel holding the block's corner sits, in the world, on the volume's voxel
     layer = seg.GetSegmentation().GetSegment(ids["target"]).GetRepresentation("Binary labelmap")
     m = vtk.vtkMatrix4x4()
@@ -378,37 +383,37 @@ def test_segments_stored_on_another_grid(mrml):
     coarse_block[5:12, 8:16, 10:20] = 1
     slicer.util.updateSegmentBinaryLabelmapFromArray(coarse_block, seg, other, coarse)
     # reading resamples (nearest neighbour), like Slicer's own export
-    protected = mb.protected_mask(seg, target, volume, "none")
+    protected = mrml_masking.protected_mask(seg, target, volume, "none")
     assert protected.sum() == 8 * coarse_block.sum()
     assert np.array_equal(protected, slicer_segment_array(seg, other, volume).astype(bool))
     # an empty target shares the other's layer on the coarse grid: it gets its own layer on the volume's grid
     mask = block((10, 10, 5), (50, 40, 30))
     box = Box((0, 0, 0), (60, 50, 40))
-    mb.write_mask(seg, target, volume, mask, box, overwrite="none")
-    assert np.array_equal(mb.read_segment(seg, target, volume), mask & ~protected)
-    assert np.array_equal(mb.protected_mask(seg, target, volume, "none"), protected)
+    mrml_writing.write_mask(seg, target, volume, mask, box, overwrite="none")
+    assert np.array_equal(mrml_volumes.read_segment(seg, target, volume), mask & ~protected)
+    assert np.array_equal(mrml_masking.protected_mask(seg, target, volume, "none"), protected)
     # taking voxels from the coarse segment cannot be exact: refused, nothing modified
-    with pytest.raises(mb.BridgeError, match="another voxel grid"):
-        mb.write_mask(seg, target, volume, mask, box, overwrite="all")
-    assert np.array_equal(mb.read_segment(seg, target, volume), mask & ~protected)
+    with pytest.raises(mrml_volumes.BridgeError, match="another voxel grid"):
+        mrml_writing.write_mask(seg, target, volume, mask, box, overwrite="all")
+    assert np.array_equal(mrml_volumes.read_segment(seg, target, volume), mask & ~protected)
     # a target holding voxels on another grid cannot be written exactly either
-    with pytest.raises(mb.BridgeError, match="another voxel grid"):
-        mb.write_mask(seg, other, volume, block((0, 0, 0), (8, 8, 8)), box, overwrite="none")
+    with pytest.raises(mrml_volumes.BridgeError, match="another voxel grid"):
+        mrml_writing.write_mask(seg, other, volume, block((0, 0, 0), (8, 8, 8)), box, overwrite="none")
 
 
 # ------------------------------------------------------------------------------------------------ state and files
 def test_state_tag_round_trip_in_the_scene_and_through_seg_nrrd(scene, tmp_path):
     mrml, volume, seg, ids = scene
-    assert mb.load_state(seg, ids["target"]) is None
+    assert mrml_state.load_state(seg, ids["target"]) is None
     state = {
         "format": "maissegment-session",
         "clicks": [{"ras": [1.5, -2.25, 3.0], "include": True}, {"ras": [0.1, 0.2, 0.3], "include": False}],
         "note": 'a|b:c\nd=e;f"g ümlaut',
         "ijk_to_ras": oblique_affine().tolist(),
     }
-    mb.save_state(seg, ids["target"], state)
-    assert mb.load_state(seg, ids["target"]) == state
-    mb.write_mask(seg, ids["target"], volume, block((2, 2, 2), (9, 9, 9)), Box((0, 0, 0), (60, 50, 40)))
+    mrml_state.save_state(seg, ids["target"], state)
+    assert mrml_state.load_state(seg, ids["target"]) == state
+    mrml_writing.write_mask(seg, ids["target"], volume, block((2, 2, 2), (9, 9, 9)), Box((0, 0, 0), (60, 50, 40)))
     path = tmp_path / "state.seg.nrrd"
     writer = slicer.vtkMRMLSegmentationStorageNode()
     writer.SetFileName(str(path))
@@ -418,14 +423,14 @@ def test_state_tag_round_trip_in_the_scene_and_through_seg_nrrd(scene, tmp_path)
     reader.SetFileName(str(path))
     assert reader.ReadData(again)
     rid = again.GetSegmentation().GetSegmentIdBySegmentName("target")
-    assert mb.load_state(again, rid) == state
-    mb.clear_state(again, rid)
-    assert mb.load_state(again, rid) is None
-    with pytest.raises(mb.BridgeError, match="JSON"):
-        mb.save_state(seg, ids["target"], {"bad": float("nan")})
-    seg.GetSegmentation().GetSegment(ids["other"]).SetTag(mb.STATE_TAG, "{not json")
-    with pytest.raises(mb.BridgeError, match="damaged"):
-        mb.load_state(seg, ids["other"])
+    assert mrml_state.load_state(again, rid) == state
+    mrml_state.clear_state(again, rid)
+    assert mrml_state.load_state(again, rid) is None
+    with pytest.raises(mrml_volumes.BridgeError, match="JSON"):
+        mrml_state.save_state(seg, ids["target"], {"bad": float("nan")})
+    seg.GetSegmentation().GetSegment(ids["other"]).SetTag(mrml_state.STATE_TAG, "{not json")
+    with pytest.raises(mrml_volumes.BridgeError, match="damaged"):
+        mrml_state.load_state(seg, ids["other"])
 
 
 def test_seg_nrrd_read_by_slicerio_has_names_values_and_our_mask(scene, tmp_path):
@@ -435,8 +440,8 @@ def test_seg_nrrd_read_by_slicerio_has_names_values_and_our_mask(scene, tmp_path
     target = block((5, 6, 7), (25, 30, 20))
     target[10:12, 12:20, 8:14] = 0
     other = block((30, 10, 5), (50, 40, 15))
-    mb.write_mask(seg, ids["target"], volume, target, box)
-    mb.write_mask(seg, ids["other"], volume, other, box)
+    mrml_writing.write_mask(seg, ids["target"], volume, target, box)
+    mrml_writing.write_mask(seg, ids["other"], volume, other, box)
     path = tmp_path / "result.seg.nrrd"
     writer = slicer.vtkMRMLSegmentationStorageNode()
     writer.SetFileName(str(path))
@@ -471,27 +476,27 @@ def test_points_on_an_oblique_volume_through_a_session_into_the_segment(scene):
 
     mrml, volume, seg, ids = scene
     fill(seg, volume, ids, target=False)
-    vol = mb.volume_from_node(volume)
+    vol = mrml_volumes.volume_from_node(volume)
     inc, exc = mrml.add_points("include"), mrml.add_points("exclude")
-    mb.add_click_point(inc, vol.ijk_to_ras_points(np.array([30.0, 25.0, 20.0])), order=0)
-    mb.add_click_point(exc, vol.ijk_to_ras_points(np.array([5.0, 5.0, 5.0])), order=1)
+    mrml_markups.add_click_point(inc, vol.ijk_to_ras_points(np.array([30.0, 25.0, 20.0])), order=0)
+    mrml_markups.add_click_point(exc, vol.ijk_to_ras_points(np.array([5.0, 5.0, 5.0])), order=1)
     model = build_model(None, checkpoint=TINY / "ref_tiny.pth")
     session = InteractiveSession(model)
-    session.set_image(vol, protected=mb.protected_mask(seg, ids["target"], volume, "none"))
+    session.set_image(vol, protected=mrml_masking.protected_mask(seg, ids["target"], volume, "none"))
     before = all_arrays(seg, volume, ids)
     records = []
-    for ras, include in mb.clicks_from_markups(inc, exc):
+    for ras, include in mrml_markups.clicks_from_markups(inc, exc):
         box = session.add_click(ras, include)
-        records.append(mb.write_mask(seg, ids["target"], volume, session.mask, box, overwrite="none"))
-        assert np.array_equal(mb.read_segment(seg, ids["target"], volume), session.mask)
+        records.append(mrml_writing.write_mask(seg, ids["target"], volume, session.mask, box, overwrite="none"))
+        assert np.array_equal(mrml_volumes.read_segment(seg, ids["target"], volume), session.mask)
     assert np.array_equal(slicer_segment_array(seg, ids["target"], volume), session.mask)
     assert session.mask.any()
     after = all_arrays(seg, volume, ids)
     assert np.array_equal(after["other"], before["other"]) and np.array_equal(after["locked"], before["locked"])
-    mb.save_state(seg, ids["target"], session.state())
-    assert mb.load_state(seg, ids["target"])["clicks"] == session.state()["clicks"]
+    mrml_state.save_state(seg, ids["target"], session.state())
+    assert mrml_state.load_state(seg, ids["target"])["clicks"] == session.state()["clicks"]
     for record in reversed(records):
-        mb.undo_write(seg, record)
+        mrml_writing.undo_write(seg, record)
     assert not slicer_segment_array(seg, ids["target"], volume).any()
 
 
@@ -514,14 +519,16 @@ def test_export_cases_writes_image_label_pairs_and_a_manifest_load_cases_reads(s
     slicer.util.updateSegmentBinaryLabelmapFromArray(block((5, 5, 5), (20, 20, 20)), seg2, only, second)
     before = all_arrays(seg, volume, ids)
 
-    manifest, exported = mb.export_cases([(volume, seg), (second, seg2)], tmp_path / "cases")
+    manifest, exported = mrml_export.export_cases([(volume, seg), (second, seg2)], tmp_path / "cases")
     assert [c.id for c in exported] == ["oblique", "oblique_2"]
     assert exported[0].labels == {1: "target", 2: "other", 3: "locked"}
     assert exported[1].labels == {1: "ball"} and any("'empty'" in n for n in exported[1].notes)
     assert any("overlaps" in n for n in exported[0].notes)  # "locked" overlaps "other" in fill()
     image_file, label_file = read_volume(exported[0].image), read_volume(exported[0].label)
     assert np.array_equal(image_file.array, image())
-    assert np.allclose(image_file.ijk_to_ras, mb.volume_from_node(volume).ijk_to_ras, atol=1e-4)  # world geometry
+    assert np.allclose(
+        image_file.ijk_to_ras, mrml_volumes.volume_from_node(volume).ijk_to_ras, atol=1e-4
+    )  # world geometry
     assert np.allclose(label_file.ijk_to_ras, image_file.ijk_to_ras, atol=1e-4)
     expected = np.zeros(SHAPE, np.uint8)
     for value, name in ((1, "target"), (2, "other"), (3, "locked")):
@@ -543,17 +550,17 @@ def test_export_cases_writes_image_label_pairs_and_a_manifest_load_cases_reads(s
 def test_export_refuses_cases_it_cannot_use_with_actionable_messages(scene, tmp_path):
     mrml, volume, seg, _ = scene
     out = tmp_path / "cases"
-    with pytest.raises(mb.BridgeError, match=r"no painted voxels.*finish the segmentation"):
-        mb.export_case(volume, seg, out)  # three empty segments
-    with pytest.raises(mb.BridgeError, match="choose the volume it was drawn on"):
-        mb.export_case(None, seg, out)
+    with pytest.raises(mrml_volumes.BridgeError, match=r"no painted voxels.*finish the segmentation"):
+        mrml_export.export_case(volume, seg, out)  # three empty segments
+    with pytest.raises(mrml_volumes.BridgeError, match="choose the volume it was drawn on"):
+        mrml_export.export_case(None, seg, out)
     bare = mrml.add_segmentation(volume, "bare")
-    with pytest.raises(mb.BridgeError, match="has no segments"):
-        mb.export_case(volume, bare, out)
-    with pytest.raises(mb.BridgeError, match="no segment with ID 'nope'"):
-        mb.export_case(volume, seg, out, segment_ids=["nope"])
-    with pytest.raises(mb.BridgeError, match="no cases to export"):
-        mb.export_cases([], out)
+    with pytest.raises(mrml_volumes.BridgeError, match="has no segments"):
+        mrml_export.export_case(volume, bare, out)
+    with pytest.raises(mrml_volumes.BridgeError, match="no segment with ID 'nope'"):
+        mrml_export.export_case(volume, seg, out, segment_ids=["nope"])
+    with pytest.raises(mrml_volumes.BridgeError, match="no cases to export"):
+        mrml_export.export_cases([], out)
     # a segmentation drawn on a bigger volume whose segment lies partly outside this one: the wrong volume
     big_affine = oblique_affine()
     big = mrml.add_volume(np.zeros((40, 50, 120), np.int16), big_affine, "big")
@@ -562,8 +569,10 @@ def test_export_refuses_cases_it_cannot_use_with_actionable_messages(scene, tmp_
     long_block = np.zeros((40, 50, 120), np.uint8)
     long_block[10:20, 10:20, 50:70] = 1  # i 50..69: beyond this volume's 60 columns
     slicer.util.updateSegmentBinaryLabelmapFromArray(long_block, seg_big, sid, big)
-    with pytest.raises(mb.BridgeError, match=r"1000 of the 2000 voxels of segment 'long'.*outside the volume"):
-        mb.export_case(volume, seg_big, out)
-    assert mb.export_case(big, seg_big, out).voxels == {1: 2000}  # on its own volume it is fine
-    assert mb.reference_volume_of(seg_big) is big and mb.reference_volume_of(None) is None
+    with pytest.raises(
+        mrml_volumes.BridgeError, match=r"1000 of the 2000 voxels of segment 'long'.*outside the volume"
+    ):
+        mrml_export.export_case(volume, seg_big, out)
+    assert mrml_export.export_case(big, seg_big, out).voxels == {1: 2000}  # on its own volume it is fine
+    assert mrml_export.reference_volume_of(seg_big) is big and mrml_export.reference_volume_of(None) is None
     assert sorted(p.name for p in out.iterdir()) == ["big_img.nii.gz", "big_lab.nii.gz"]  # nothing else was written

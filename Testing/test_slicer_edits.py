@@ -182,7 +182,7 @@ def test_protection_reads_segments_sharing_a_layer_in_one_pass(mrml):
     union is exactly the segments' voxels."""
     import slicer
 
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_masking, mrml_volumes
 
     volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
     slicer.util.updateVolumeFromArray(volume, np.zeros((12, 14, 16), np.int16))
@@ -195,8 +195,10 @@ def test_protection_reads_segments_sharing_a_layer_in_one_pass(mrml):
     slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, seg)
     ids = [seg.GetSegmentation().GetNthSegmentID(n) for n in range(seg.GetSegmentation().GetNumberOfSegments())]
     assert len(ids) == 7 and len({seg.GetSegmentation().GetLayerIndex(i) for i in ids}) == 1  # one shared layer
-    protected = mb.protected_mask(seg, ids[0], volume, "none")
+    protected = mrml_masking.protected_mask(seg, ids[0], volume, "none")
     expected = labels > 0
     expected[labels == seg.GetSegmentation().GetSegment(ids[0]).GetLabelValue()] = False
     assert np.array_equal(protected, expected)
-    assert mb.count_segment_voxels(seg, ids[1], volume) == int(np.count_nonzero(mb.read_segment(seg, ids[1], volume)))
+    assert mrml_volumes.count_segment_voxels(seg, ids[1], volume) == int(
+        np.count_nonzero(mrml_volumes.read_segment(seg, ids[1], volume))
+    )

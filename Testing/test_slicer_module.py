@@ -34,6 +34,7 @@ from conftest import TESTING, TINY
 ROOT = TESTING.parent
 MODULE_DIR = ROOT / "MAISSegment"
 MODULE_FILE = MODULE_DIR / "MAISSegment.py"
+LOGIC_DIR = MODULE_DIR / "MAISSegmentLogic"  # the logic's files, imported by the module file
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MAISSegment.ui"
 ICON_FILE = MODULE_DIR / "Resources" / "Icons" / "MAISSegment.png"
 REQUIREMENTS = ROOT / "Resources" / "requirements.txt"
@@ -62,6 +63,11 @@ NEUTRAL_TEXT = re.compile(r"^[\s\W]*$")  # separators such as "\n", " · ", "•
 
 def module_tree() -> ast.Module:
     return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+
+
+def python_files() -> list:
+    """The module file and every file of its logic package (all loaded when Slicer loads the module)."""
+    return [MODULE_FILE, *sorted(LOGIC_DIR.glob("*.py"))]
 
 
 def ui_widgets() -> dict[str, ET.Element]:
@@ -134,10 +140,11 @@ def test_ui_binds_only_parameter_node_fields_of_matching_types():
 
 
 def test_no_heavy_import_at_module_level():
-    """Only function bodies may import torch, MAISSegmentLib...: the module loads at Slicer start-up."""
+    """Only function bodies may import torch, MAISSegmentLib...: the module and its logic package load at Slicer
+    start-up."""
     offenders = []
 
-    def visit(statements):
+    def visit(statements, path):
         for node in statements:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue  # imported at first use
@@ -146,11 +153,13 @@ def test_no_heavy_import_at_module_level():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            offenders.extend(f"line {node.lineno}: {n}" for n in names if n.split(".")[0] in HEAVY)
+            offenders.extend(f"{path.name} line {node.lineno}: {n}" for n in names if n.split(".")[0] in HEAVY)
             for child in ("body", "orelse", "finalbody", "handlers"):
-                visit(getattr(node, child, []) or [])
+                visit(getattr(node, child, []) or [], path)
 
-    visit(module_tree().body)
+    assert len(python_files()) > 5  # the logic package is there
+    for path in python_files():
+        visit(ast.parse(path.read_text(encoding="utf-8")).body, path)
     assert not offenders, offenders
 
 
@@ -181,8 +190,9 @@ def _untranslated_literals(expression: ast.AST) -> list[str]:
     return found
 
 
-def test_user_visible_strings_are_translatable():
-    tree = module_tree()
+@pytest.mark.parametrize("path", python_files(), ids=lambda p: p.name)
+def test_user_visible_strings_are_translatable(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     problems = []
     for node in ast.walk(tree):
         if _is_tr_call(node) and node.func.id == "_":
@@ -239,7 +249,9 @@ def test_cmake_lists_declare_the_extension_and_package_the_library():
     listed = [
         f.replace("${MODULE_NAME}", "MAISSegment") for f in re.findall(r"^\s+(\S+\.(?:py|png|ui))$", module, re.M)
     ]
-    assert set(listed) == {"MAISSegment.py", "Resources/Icons/MAISSegment.png", "Resources/UI/MAISSegment.ui"}
+    logic = {f"MAISSegmentLogic/{p.name}" for p in LOGIC_DIR.glob("*.py")}  # every file of the logic package
+    assert "MAISSegmentLogic/__init__.py" in logic
+    assert set(listed) == {"MAISSegment.py", *logic, "Resources/Icons/MAISSegment.png", "Resources/UI/MAISSegment.ui"}
     assert all((MODULE_DIR / f).is_file() for f in listed)
     assert re.search(
         r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\).*endif", module, re.S
@@ -288,13 +300,13 @@ def test_icon_is_a_small_128px_png():
 
 # ================================================================================================ (b) the module
 def test_module_description_parameters_and_library_constants(module):
-    from MAISSegmentLib import mrml_bridge
+    from MAISSegmentLib import mrml_masking
     from MAISSegmentLib.devices import DEVICE_CHOICES
 
     parent = types.SimpleNamespace()
     module.MAISSegment(parent)
     assert parent.title and parent.categories == ["Segmentation"] and parent.helpText and parent.contributors
-    assert module.DEVICES == DEVICE_CHOICES and module.OVERWRITE_MODES == mrml_bridge.OVERWRITE_MODES
+    assert module.DEVICES == DEVICE_CHOICES and module.OVERWRITE_MODES == mrml_masking.OVERWRITE_MODES
     params = module.MAISSegmentParameterNode(None)
     assert (params.device, params.useMemory, params.memorySize, params.overwriteMode) == ("auto", True, 60, "none")
     assert set(parameter_fields()) == set(module.MAISSegmentParameterNode.allParameters)
@@ -485,20 +497,21 @@ def arrays(s) -> dict[str, np.ndarray]:
 
 def point_clicks(include, exclude, decimals: int | None = 6) -> list[tuple[tuple[float, ...], bool]]:
     """The clicks the point lists hold, in order (rounded for comparisons; ``decimals=None``: exact)."""
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_markups
 
-    clicks = mb.clicks_from_markups(include, exclude)
+    clicks = mrml_markups.clicks_from_markups(include, exclude)
     return [(tuple(r if decimals is None else np.round(r, decimals)), inc) for r, inc in clicks]
 
 
 def reference_mask(s, clicks, segment="target", overwrite="none") -> np.ndarray:
     """An InteractiveSession run directly on the volume (no logic, no markups): the expected mask."""
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_masking, mrml_volumes
     from MAISSegmentLib.session import InteractiveSession
 
     session = InteractiveSession(s.logic.ensure_model())
     session.set_image(
-        mb.volume_from_node(s.volume), protected=mb.protected_mask(s.seg, s.ids[segment], s.volume, overwrite)
+        mrml_volumes.volume_from_node(s.volume),
+        protected=mrml_masking.protected_mask(s.seg, s.ids[segment], s.volume, overwrite),
     )
     for ras, include in clicks:
         session.add_click(ras, include)
@@ -638,7 +651,7 @@ def test_undo_and_redo_refuse_to_overwrite_edits_made_since(scene):
     same for redo."""
     import slicer
 
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_writing
 
     s = scene
     target = (s.seg, s.ids["target"], s.volume)
@@ -650,7 +663,7 @@ def test_undo_and_redo_refuse_to_overwrite_edits_made_since(scene):
     painted = clicked["target"].copy()
     painted[tuple(np.argwhere(painted)[0])] = False  # erase one voxel the click set (inside the box it wrote)
     slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), s.seg, s.ids["target"], s.volume)
-    with pytest.raises(mb.EditedSinceError, match="edited since"):
+    with pytest.raises(mrml_writing.EditedSinceError, match="edited since"):
         s.logic.undo(*target)
     assert np.array_equal(arrays(s)["target"], painted) and len(s.logic.session(*target).clicks) == 1
     assert point_clicks(include, exclude) and s.logic.can_undo(*target)
@@ -659,7 +672,7 @@ def test_undo_and_redo_refuse_to_overwrite_edits_made_since(scene):
     )
     assert s.logic.undo(*target).action == "undo" and not arrays(s)["target"].any()
     slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), s.seg, s.ids["target"], s.volume)
-    with pytest.raises(mb.EditedSinceError, match="redone"):
+    with pytest.raises(mrml_writing.EditedSinceError, match="redone"):
         s.logic.redo(*target)
     assert np.array_equal(arrays(s)["target"], painted) and s.logic.can_redo(*target)
 
@@ -688,7 +701,7 @@ def test_segment_editor_masking_settings_are_honoured(scene, mrml):
 
 
 def test_refused_points_and_locked_segments_change_nothing(scene, module):
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_masking
 
     s = scene
     target = (s.seg, s.ids["target"], s.volume)
@@ -701,7 +714,7 @@ def test_refused_points_and_locked_segments_change_nothing(scene, module):
     assert include.GetNumberOfControlPoints() == exclude.GetNumberOfControlPoints() == 0  # the points were removed
     assert all(np.array_equal(arrays(s)[k], before[k]) for k in before)
     assert "Refused" in s.logic.describe(result)
-    mb.set_segment_locked(s.seg, s.ids["target"])
+    mrml_masking.set_segment_locked(s.seg, s.ids["target"])
     s.T.place(include, s.T.ras((30, 25, 20)))
     with pytest.raises(module.MAISSegmentError, match="locked"):
         s.logic.on_points_changed(*target, include, exclude)
@@ -731,7 +744,7 @@ def test_switching_segments_and_back_keeps_each_memory(scene):
 def test_state_in_segment_tags_survives_seg_nrrd_and_a_new_logic_continues(scene, tmp_path, module, mrml):
     import slicer
 
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_state
 
     s = scene
     target = (s.seg, s.ids["target"], s.volume)
@@ -749,7 +762,7 @@ def test_state_in_segment_tags_survives_seg_nrrd_and_a_new_logic_continues(scene
     reader.SetFileName(str(path))
     assert reader.ReadData(reloaded)
     rid = reloaded.GetSegmentation().GetSegmentIdBySegmentName("target")
-    assert mb.load_state(reloaded, rid)["clicks"] == mb.load_state(s.seg, s.ids["target"])["clicks"]
+    assert mrml_state.load_state(reloaded, rid)["clicks"] == mrml_state.load_state(s.seg, s.ids["target"])["clicks"]
     # a new logic restores the session (the point lists are re-created from the state) and continues
     logic2 = module.MAISSegmentTest.make_logic()
     restored = logic2.restore_from_scene(reloaded, rid, s.volume)
@@ -939,13 +952,13 @@ def test_unrelated_errors_are_not_reported_as_memory_problems(started, monkeypat
 
 
 def test_selected_point_rules(mrml, module):
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_markups
 
     logic = module.MAISSegmentLogic()
     include, exclude = mrml.add_points("include"), mrml.add_points("exclude")
     assert logic.selected_point(include, exclude) == (None, -1)
     for order, (node, ras) in enumerate(((include, (0, 0, 0)), (exclude, (1, 0, 0)), (include, (2, 0, 0)))):
-        mb.add_click_point(node, ras, order)
+        mrml_markups.add_click_point(node, ras, order)
     node, index = logic.selected_point(include, exclude)  # all selected (Slicer's default): the last click
     assert node is include and index == 1
     for n in range(2):
@@ -1056,15 +1069,17 @@ def test_download_a_registered_model_from_the_module(scene, module, monkeypatch,
 def test_masking_is_computed_only_when_the_editor_restricts_editing(mrml, module):
     import slicer
 
-    from MAISSegmentLib import mrml_bridge as mb
+    from MAISSegmentLib import mrml_masking
 
     editor = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-    assert not mb.editing_restricted(None) and not mb.editing_restricted(editor)  # default: everywhere, no range
+    assert not mrml_masking.editing_restricted(None) and not mrml_masking.editing_restricted(
+        editor
+    )  # default: everywhere, no range
     editor.SetSourceVolumeIntensityMask(True)
-    assert mb.editing_restricted(editor)
+    assert mrml_masking.editing_restricted(editor)
     editor.SetSourceVolumeIntensityMask(False)
     editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideAllSegments)
-    assert mb.editing_restricted(editor)
+    assert mrml_masking.editing_restricted(editor)
 
 
 def test_missing_selection_messages(scene, module):

@@ -1,0 +1,408 @@
+"""What MAISSegment needs installed, checked at first use and installed with the user's consent (no Qt).
+
+PyTorch comes the way the PyTorch extension installs it (light-the-torch with ``PyTorchUtils``' arguments, the CUDA or
+CPU build that fits the machine), but run by a background process of Slicer's Python (:class:`BackgroundCommands`) so
+that Slicer does not freeze; the other packages of ``Resources/requirements.txt`` come from
+``slicer.packaging.pip_ensure``. :class:`DependencyPlan` is what is missing (the confirmation text lists it);
+:class:`DependenciesMixin` gives the logic ``dependency_plan`` / ``start_dependency_install`` (widget) and
+``ensure_dependencies`` (synchronous; scripts). :func:`add_library_path` makes ``MAISSegmentLib`` importable from a
+source checkout. Nothing here imports torch or MAISSegmentLib at module level.
+"""
+
+import collections
+import importlib.util
+import inspect
+import logging
+import os
+import queue
+import re
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import slicer
+from slicer.i18n import tr as _
+
+from .constants import (
+    MIN_TORCH_VERSION,
+    MODULE_DIR,
+    MODULE_NAME,
+)
+from .errors import MAISSegmentError
+
+
+class BackgroundCommands:
+    """Run commands (argv lists, no shell) one after another in a Python thread; no Qt and no MRML inside.
+
+    For installs that take minutes (PyTorch): the main thread keeps running and polls :meth:`take_lines` (new output
+    lines, stdout and stderr merged) and :attr:`finished`; :attr:`error` is ``None`` after success, else a message that
+    names the failed command, its exit status and its last output lines. :meth:`cancel` stops the running process
+    and skips the rest.
+    """
+
+    TAIL_LINES = 12  # output lines quoted in the error message
+
+    def __init__(self, commands: Sequence[Sequence[str]]) -> None:
+        self.commands = [list(c) for c in commands]
+        self._lines: queue.Queue = queue.Queue()
+        self._tail: collections.deque = collections.deque(maxlen=self.TAIL_LINES)
+        self._process = None
+        self._cancelled = threading.Event()
+        self._finished = threading.Event()
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="MAISSegment install", daemon=True)
+
+    def start(self) -> "BackgroundCommands":
+        self._thread.start()
+        return self
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def take_lines(self) -> list[str]:
+        """The output lines that arrived since the last call (main thread)."""
+        lines = []
+        while True:
+            try:
+                lines.append(self._lines.get_nowait())
+            except queue.Empty:
+                return lines
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the commands are done (scripts and tests; the widget polls instead)."""
+        return self._finished.wait(timeout)
+
+    def cancel(self, timeout: float = 5.0) -> None:
+        self._cancelled.set()
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except Exception:
+                process.kill()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import subprocess
+
+        try:
+            for command in self.commands:
+                if self._cancelled.is_set():
+                    break
+                self._lines.put("$ " + " ".join(command))
+                self._process = subprocess.Popen(
+                    command,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    text=True,
+                    errors="replace",
+                )
+                for line in self._process.stdout:
+                    line = line.rstrip()
+                    self._lines.put(line)
+                    self._tail.append(line)
+                code = self._process.wait()
+                if self._cancelled.is_set():
+                    break
+                if code != 0:
+                    tail = "\n".join(self._tail)
+                    self.error = f"'{' '.join(command[1:])}' failed (exit status {code}):\n{tail}"
+                    break
+        except OSError as exc:  # plain text here: no translation (Qt) off the main thread
+            self.error = f"could not run '{' '.join(command)}': {exc}"
+        finally:
+            if self._cancelled.is_set() and self.error is None:
+                self.error = "cancelled"
+            self._finished.set()
+
+
+@dataclass
+class DependencyPlan:
+    """What :meth:`MAISSegmentLogic.dependency_plan` found missing, and how it will be installed.
+
+    ``torch_commands``: the commands that install PyTorch (empty when it is installed): light-the-torch with the
+    PyTorch extension's arguments, run by Slicer's Python in a background process. ``packages``: the lines of
+    ``Resources/requirements.txt`` that are not satisfied (installed afterwards with ``pip_ensure``).
+    """
+
+    torch_commands: list[list[str]] = field(default_factory=list)
+    torch_requirement: str = ""
+    packages: list[str] = field(default_factory=list)
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.torch_commands or self.packages)
+
+    def describe(self) -> str:
+        """The confirmation text: every package that will be downloaded and installed."""
+        lines = [_("MAISSegment needs these Python packages, which will be downloaded and installed now:"), ""]
+        if self.torch_commands:
+            lines.append(
+                "• "
+                + _(
+                    "PyTorch ({requirement}): the CUDA or CPU build that fits this computer, chosen by "
+                    "light-the-torch (1-3 GB; several minutes; Slicer stays usable meanwhile)"
+                ).format(requirement=self.torch_requirement)
+            )
+        lines += [f"• {p}" for p in self.packages]
+        return "\n".join(lines)
+
+
+def _pytorch_utils() -> Any:
+    """The PyTorch extension's ``PyTorchUtils`` module (imported at first use).
+
+    Raises:
+        MAISSegmentError: the extension is not installed (the message says how to get it).
+    """
+    try:
+        import PyTorchUtils
+    except ModuleNotFoundError:
+        raise MAISSegmentError(
+            _(
+                "MAISSegment needs the PyTorch extension: install 'PyTorch' from the Extensions Manager and "
+                "restart Slicer."
+            )
+        ) from None
+    return PyTorchUtils
+
+
+def slicer_python() -> str:
+    """The Python interpreter that installs into this Slicer (``PythonSlicer``), else this process's Python."""
+    import shutil
+
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def read_requirements(path: str) -> list[str]:
+    """Requirement lines of a requirements file (comments, blank lines and pip options skipped)."""
+    lines = []
+    with open(path, encoding="utf-8") as fh:
+        for raw in fh:
+            line = raw.split(" #", 1)[0].strip()
+            if line and not line.startswith(("#", "-")):
+                lines.append(line)
+    return lines
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def missing_requirements(requirements: Sequence[str]) -> list[str]:
+    """The requirements (PEP 508 strings) that are not installed at an acceptable version in this Python."""
+    from importlib import metadata
+
+    try:
+        from packaging.requirements import Requirement  # shipped with Slicer
+    except ImportError:  # pragma: no cover - packaging is everywhere pip is
+        Requirement = None
+    missing = []
+    for text in requirements:
+        if Requirement is None:
+            name, specifier, marker = re.split(r"[<>=!~;\[ ]", text, maxsplit=1)[0], None, None
+        else:
+            req = Requirement(text)
+            name, specifier, marker = req.name, req.specifier, req.marker
+        if marker is not None and not marker.evaluate():
+            continue
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(text)
+            continue
+        if specifier is not None and not specifier.contains(installed, prereleases=True):
+            missing.append(text)
+    return missing
+
+
+def add_library_path() -> None:
+    """Make ``MAISSegmentLib`` importable when the module runs from a source checkout (it lies beside MAISSegment/);
+    an installed extension has it beside this file, on Slicer's module path already."""
+    for folder in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
+        if os.path.isfile(os.path.join(folder, "MAISSegmentLib", "__init__.py")):
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            return
+
+
+class DependenciesMixin:
+    """The logic's dependency checks and installs (see the module docstring)."""
+
+    @property
+    def requirements_file(self) -> str | None:
+        """The requirements file checked by :meth:`ensure_dependencies` (None: ``Resources/requirements.txt``);
+        setting it makes the next call check again."""
+        return self._requirements_file
+
+    @requirements_file.setter
+    def requirements_file(self, path: str | None) -> None:
+        self._requirements_file = path
+        self._dependencies_ok = False
+
+    def requirements_path(self) -> str | None:
+        """``Resources/requirements.txt``: beside this file once installed, at the repository root in a checkout."""
+        if self.requirements_file:
+            return self.requirements_file
+        for folder in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
+            path = os.path.join(folder, "Resources", "requirements.txt")
+            if os.path.isfile(path):
+                return path
+        return None
+
+    def missing_requirements(self) -> list[str]:
+        """The packages of ``Resources/requirements.txt`` that this Python lacks (torch is handled separately)."""
+        path = self.requirements_path()
+        return missing_requirements(read_requirements(path)) if path else []
+
+    def dependencies_present(self) -> bool:
+        """Cheap check (nothing imported): whether torch is installed and MAISSegmentLib can be found."""
+        add_library_path()
+        return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("MAISSegmentLib") is not None
+
+    def ensure_dependencies(self, confirm: Callable[[list[str]], bool] | None = None) -> None:
+        """Make torch and the packages of ``Resources/requirements.txt`` available; nothing is imported before.
+
+        Inside Slicer (main thread: it may show dialogs) torch comes from the PyTorch extension (``PyTorchUtils``
+        chooses the CUDA or CPU build for the machine, asking first) and missing packages are listed to the user
+        (``confirm(packages) -> bool``; default: a dialog) before ``slicer.packaging.pip_ensure`` (Slicer ≥ 5.12;
+        ``slicer.util.pip_install`` before) installs them. Outside Slicer nothing is installed: a missing package is
+        an error naming it.
+
+        Raises:
+            MAISSegmentError: a dependency is missing and was not installed (the message says what to do).
+        """
+        if self._dependencies_ok:
+            return
+        in_slicer = getattr(slicer, "app", None) is not None
+        self._ensure_torch(in_slicer)
+        missing = self.missing_requirements()
+        if missing:
+            packages = ", ".join(missing)
+            if not in_slicer:
+                raise MAISSegmentError(
+                    _("Missing Python packages: {packages}. Install them into this Python environment.").format(
+                        packages=packages
+                    )
+                )
+            if not (confirm or self._confirm_install)(missing):
+                raise MAISSegmentError(
+                    _("MAISSegment cannot run without these Python packages: {packages}.").format(packages=packages)
+                )
+            self._pip_install(missing)
+            still = self.missing_requirements()
+            if still:
+                raise MAISSegmentError(
+                    _("Installing {packages} did not succeed; see the Python console.").format(
+                        packages=", ".join(still)
+                    )
+                )
+        add_library_path()
+        if importlib.util.find_spec("MAISSegmentLib") is None:
+            raise MAISSegmentError(_("MAISSegmentLib is missing from this installation; reinstall the extension."))
+        self._dependencies_ok = True
+
+    @staticmethod
+    def _confirm_install(packages: list[str]) -> bool:
+        text = DependencyPlan(packages=list(packages)).describe()
+        return bool(slicer.util.confirmOkCancelDisplay(text, _("MAISSegment: install Python packages")))
+
+    @staticmethod
+    def _pip_install(packages: list[str]) -> None:
+        """Install through ``slicer.packaging.pip_ensure`` (the user was asked already), else ``slicer.util``."""
+        packaging = getattr(slicer, "packaging", None)
+        ensure = getattr(packaging, "pip_ensure", None)
+        if ensure is not None:
+            wanted = {"prompt_install": False, "requester": MODULE_NAME}
+            try:
+                accepted = inspect.signature(ensure).parameters
+            except (TypeError, ValueError):
+                accepted = {}
+            ensure(list(packages), **{k: v for k, v in wanted.items() if k in accepted})
+        else:
+            slicer.util.pip_install(list(packages))
+
+    @staticmethod
+    def _ensure_torch(in_slicer: bool) -> None:
+        if in_slicer:
+            torch_logic = _pytorch_utils().PyTorchUtilsLogic()
+            if not torch_logic.torchInstalled():
+                logging.info("MAISSegment: PyTorch is required; installing it (this may take several minutes)")
+                if (
+                    torch_logic.installTorch(askConfirmation=True, torchVersionRequirement=f">={MIN_TORCH_VERSION}")
+                    is None
+                ):
+                    raise MAISSegmentError(_("PyTorch was not installed; MAISSegment cannot run without it."))
+            version = torch_logic.torch.__version__
+        else:
+            if importlib.util.find_spec("torch") is None:
+                raise MAISSegmentError(_("PyTorch is not installed in this Python environment (pip install torch)."))
+            import torch
+
+            version = torch.__version__
+        if _version_tuple(version) < _version_tuple(MIN_TORCH_VERSION):
+            raise MAISSegmentError(
+                _(
+                    "PyTorch {version} is too old; MAISSegment needs {minimum} or newer (PyTorch Utils module: "
+                    "install with the version requirement >={minimum})."
+                ).format(version=version, minimum=MIN_TORCH_VERSION)
+            )
+
+    def dependency_plan(self) -> DependencyPlan:
+        """What is missing and how it will be installed; cheap (nothing heavy is imported), main thread. Empty once
+        :meth:`ensure_dependencies` has succeeded.
+
+        Raises:
+            MAISSegmentError: inside Slicer without the PyTorch extension (it says to install it).
+        """
+        if self._dependencies_ok:  # checked once by ensure_dependencies: every later point skips the lookups
+            return DependencyPlan()
+        plan = DependencyPlan(packages=self.missing_requirements())
+        if importlib.util.find_spec("torch") is None:
+            plan.torch_requirement = f"torch>={MIN_TORCH_VERSION}"
+            if getattr(slicer, "app", None) is not None:
+                plan.torch_commands = self.torch_install_commands()
+        return plan
+
+    @staticmethod
+    def torch_install_commands() -> list[list[str]]:
+        """The commands that install PyTorch the way the PyTorch extension does, for a background process.
+
+        ``PyTorchUtilsLogic.installTorch`` runs light-the-torch (which picks the CUDA build that fits the NVIDIA
+        driver, else the CPU build) on the main thread, which freezes Slicer for minutes. The same installation is run
+        here as two commands of Slicer's Python (``PythonSlicer``): ``pip install light-the-torch``, then
+        ``light_the_torch install`` with the arguments PyTorchUtils builds (its ``_getPipInstallArguments``, when it
+        has one), so the result is the one the extension would give.
+        """
+        requirement = f">={MIN_TORCH_VERSION}"
+        arguments = None
+        build = getattr(_pytorch_utils().PyTorchUtilsLogic, "_getPipInstallArguments", None)
+        if build is not None:
+            try:
+                arguments = list(build(None, requirement))
+            except Exception:  # another version of the extension: use the plain form
+                logging.exception("MAISSegment: PyTorchUtils._getPipInstallArguments failed")
+        if not arguments:
+            arguments = ["install", "torch" + requirement]
+        python = slicer_python()
+        return [
+            [python, "-m", "pip", "install", "--disable-pip-version-check", "light-the-torch>=0.5"],
+            [python, "-m", "light_the_torch", *arguments],
+        ]
+
+    def start_dependency_install(self, plan: DependencyPlan) -> BackgroundCommands:
+        """Start installing PyTorch in the background (the user has confirmed ``plan.describe()``).
+
+        When it has finished without error, call :meth:`ensure_dependencies` with ``confirm=lambda packages: True``
+        on the main thread: it finds torch and installs ``plan.packages`` with ``pip_ensure``.
+        """
+        return BackgroundCommands(plan.torch_commands).start()

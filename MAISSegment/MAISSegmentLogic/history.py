@@ -1,0 +1,160 @@
+"""Writing into segments with an exact undo record, and the undo/redo history of every segment (no Qt).
+
+:class:`HistoryMixin` writes a session's changed box into its segment (``_write``: masking, locked segments and the
+user's edits honoured, through ``MAISSegmentLib.mrml_writing``), records each change (``_push``), keeps the history of
+all segments within ``undo_budget_bytes`` (``_trim_undo``, oldest first) and undoes / redoes a change exactly:
+labelmaps of every segment it touched, the session (memory included) and the points (``undo``, ``redo``, ``reset``).
+"""
+
+from typing import Any
+
+from .dependencies import add_library_path
+from .edits import _copy_boxed
+from .records import UpdateResult, _Operation, _Target
+
+
+class HistoryMixin:
+    """The logic's segment writes and their undo/redo history (see the module docstring)."""
+
+    def _write(self, target: _Target, box: Any) -> Any:
+        add_library_path()
+        from MAISSegmentLib.mrml_masking import editable_mask, editing_restricted
+        from MAISSegmentLib.mrml_writing import write_mask
+
+        segmentation, volume = self._nodes(target)
+        editable = None
+        if editing_restricted(self.segment_editor_node):
+            editable = editable_mask(segmentation, target.segment_id, volume, self.segment_editor_node)
+        record = write_mask(
+            segmentation,
+            target.segment_id,
+            volume,
+            target.session.mask,
+            box,
+            editable=editable,
+            overwrite=self._overwrite_mode(),
+            edits=self._edits(target),
+        )
+        self._others_wrote(target, record)
+        return record
+
+    def _others_wrote(self, target: _Target, record: Any) -> None:
+        """Other segments a write (or undo/redo) changed hold the record's content now: not the user's edits."""
+        for segment_id in record.segment_ids[1:]:
+            for other in self._targets.values():
+                if (
+                    other.segmentation_node_id == target.segmentation_node_id
+                    and other.segment_id == segment_id
+                    and other.edits is not None
+                    and other.edits.known
+                ):
+                    other.edits.wrote(record.box, record.after(segment_id))
+
+    def _others_restored(self, target: _Target, record: Any) -> None:
+        """After an undo: the other segments the write changed hold their content from before it."""
+        for segment_id in record.segment_ids[1:]:
+            for other in self._targets.values():
+                if (
+                    other.segmentation_node_id == target.segmentation_node_id
+                    and other.segment_id == segment_id
+                    and other.edits is not None
+                    and other.edits.known
+                ):
+                    other.edits.wrote(record.box, record.before(segment_id))
+
+    def _push(self, target: _Target, operation: _Operation) -> None:
+        """Record an operation; keep no more session steps than the session itself can undo."""
+        self._serial += 1
+        operation.serial = self._serial
+        target.undo.append(operation)
+        target.redo.clear()
+        limit = target.session.options.undo_limit
+        while target.undo and sum(op.steps for op in target.undo) > limit:
+            target.undo.pop(0)
+
+    def undo_nbytes(self) -> int:
+        """Bytes held by the undo/redo history of every segment (segment patches and sessions' records)."""
+        return sum(self._target_undo_nbytes(t) for t in self._targets.values())
+
+    @staticmethod
+    def _target_undo_nbytes(target: _Target) -> int:
+        ops = sum(op.nbytes for op in target.undo) + sum(op.nbytes for op in target.redo)
+        return ops + (target.session.undo_nbytes if target.session is not None else 0)
+
+    def _trim_undo(self) -> int:
+        """Keep the undo history of all segments within ``undo_budget_bytes``: the oldest operations (of any segment)
+        are dropped first, never the newest one. Also drops operations whose session steps the session itself no
+        longer holds (its own byte budget). Returns the number of operations dropped."""
+        dropped = 0
+        for target in self._targets.values():
+            depth = target.session.undo_depth if target.session is not None else 0
+            while target.undo and sum(op.steps for op in target.undo) > depth:
+                target.undo.pop(0)
+                dropped += 1
+        total = self.undo_nbytes()
+        while total > self.undo_budget_bytes:
+            candidates = [t for t in self._targets.values() if t.undo]
+            if sum(len(t.undo) for t in candidates) <= 1:
+                break
+            target = min(candidates, key=lambda t: t.undo[0].serial)
+            before = self._target_undo_nbytes(target)
+            operation = target.undo.pop(0)
+            if target.session is not None:
+                target.session.drop_oldest_undo(operation.steps)
+            total -= before - self._target_undo_nbytes(target)
+            dropped += 1
+        return dropped
+
+    def reset(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> UpdateResult:
+        """Remove every point of the segment and what the network wrote for them (undoable)."""
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        if target is None or target.session is None or not target.session.clicks:
+            return UpdateResult("none", model=self.model_label)
+        box = target.session.reset()
+        edits = self._edits(target)
+        edited_before = _copy_boxed(edits.edited)
+        try:
+            record = self._write(target, box)
+        except BaseException:
+            target.session.undo()
+            raise
+        self._push(target, _Operation(1, record, "reset", edited_before, _copy_boxed(edits.edited)))
+        self._sync_points(target)
+        self._store_state(target)
+        target.protection_stamp = self._protection_stamp(target)
+        return self._result(target, "reset", record, 0.0, 0)
+
+    def undo(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> UpdateResult:
+        """Undo the last change of this segment: exact labelmaps (other segments too), session memory and points."""
+        return self._undo_redo(segmentation_node, segment_id, volume_node, redo=False)
+
+    def redo(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> UpdateResult:
+        """Redo the last undone change of this segment."""
+        return self._undo_redo(segmentation_node, segment_id, volume_node, redo=True)
+
+    def _undo_redo(self, segmentation_node: Any, segment_id: str, volume_node: Any, redo: bool) -> UpdateResult:
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        stack = None if target is None else (target.redo if redo else target.undo)
+        if not stack:
+            return UpdateResult("none", model=self.model_label)
+        add_library_path()
+        from MAISSegmentLib.mrml_writing import redo_write, undo_write
+
+        operation = stack[-1]
+        if operation.record is not None:  # MRML first: if the segment cannot be restored, nothing changes
+            record = operation.record
+            (redo_write if redo else undo_write)(segmentation_node, record)
+            if target.edits is not None:  # the segment holds the record's content again, edits as they were then
+                target.edits.wrote(record.box, (record.after if redo else record.before)(target.segment_id))
+                edited = operation.edited_after if redo else operation.edited_before
+                if edited is not None:
+                    target.edits.edited = _copy_boxed(edited)
+            self._others_wrote(target, record) if redo else self._others_restored(target, record)
+        stack.pop()
+        for _step in range(operation.steps):
+            target.session.redo() if redo else target.session.undo()
+        (target.undo if redo else target.redo).append(operation)
+        self._sync_points(target)
+        self._store_state(target)
+        target.protection_stamp = self._protection_stamp(target)
+        return self._result(target, "redo" if redo else "undo", operation.record, 0.0, 0)
