@@ -236,7 +236,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, help="manifest JSON (or a folder of image/label pairs)")
     p.add_argument("--split", default=None, help="only cases of this split (e.g. test)")
     p.add_argument(
-        "--methods", default="mais,no-memory,growcut", help="mais, no-memory, mais-grow-all, growcut, ckpt:FILE"
+        "--methods",
+        default="mais,no-memory,growcut",
+        help="mais, no-memory, mais-grow-all, growcut, ckpt:FILE, oracle-32, oracle-64, oracle-128 (the ceiling of an "
+        "output grid, computed from the truth with no model)",
     )
     _add_model_choice(p, "weights for the mais / no-memory methods")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unsafe unpickling of the checkpoints")
@@ -254,7 +257,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import build_model
     from .data import list_targets, load_cases
     from .devices import resolve_device
-    from .evaluate import GrowCutMethod, ModelMethod, evaluate, parse_clicks, plot_results, result_document
+    from .evaluate import (
+        ORACLE_METHODS,
+        GrowCutMethod,
+        ModelMethod,
+        evaluate,
+        format_tables,
+        oracle_methods,
+        parse_clicks,
+        plot_results,
+        result_document,
+    )
     from .fileutil import atomic_write_many
     from .session import SessionOptions
 
@@ -262,9 +275,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names or len(set(names)) != len(names):
         raise PromptError(f"--methods {args.methods!r}: give distinct methods, e.g. mais,no-memory,growcut")
-    unknown = [n for n in names if n not in _EVAL_METHODS and not n.startswith("ckpt:")]
+    unknown = [n for n in names if n not in (*_EVAL_METHODS, *ORACLE_METHODS) and not n.startswith("ckpt:")]
     if unknown:
-        raise PromptError(f"unknown method {unknown[0]!r}; use mais, no-memory, mais-grow-all, growcut or ckpt:FILE")
+        raise PromptError(
+            f"unknown method {unknown[0]!r}; use {', '.join(_EVAL_METHODS)}, ckpt:FILE or {', '.join(ORACLE_METHODS)}"
+        )
     if args.max_targets is not None and args.max_targets < 1:
         raise ConfigError(f"--max-targets must be at least 1, got {args.max_targets}")
     SessionOptions(memory_size=args.memory_size)
@@ -293,6 +308,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         key: build_model(None, checkpoint=path, device=args.device, trusted=args.trust_checkpoint)
         for key, path in checkpoints.items()
     }
+    oracles = oracle_methods(names)
     methods: dict[str, object] = {}
     for name in names:
         if name in _MODEL_METHODS:
@@ -304,6 +320,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             )
         elif name == "growcut":
             methods[name] = GrowCutMethod()
+        elif name in oracles:
+            methods[name] = oracles[name]
         else:
             methods[name] = ModelMethod(models[name], use_memory=True, memory_size=args.memory_size)
     methods_out = evaluate(targets, methods, clicks, args.strategy, args.seed)
@@ -330,20 +348,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     except OSError as exc:
         raise ConfigError(f"cannot write {out} and {plot}: {exc.strerror or exc}") from None
-    width = max(len(n) for n in methods_out)
-    print(f"{'method':<{width}}  " + "  ".join(f"Dice@{k:<3}" for k in clicks) + "  s/click")
-    for name, res in methods_out.items():
-        print(
-            f"{name:<{width}}  "
-            + "  ".join(f"{res['dice_mean'][str(k)]:.3f}  " for k in clicks)
-            + f"  {res['seconds_per_click_median']:.3f}"
-        )
+    print(format_tables(methods_out, clicks))
     print(f"wrote {out} and {plot}")
     return 0
 
 
 _MODEL_METHODS = ("mais", "no-memory", "mais-grow-all")  # evaluation methods on the --checkpoint/--model weights
-_EVAL_METHODS = (*_MODEL_METHODS, "growcut")  # besides ckpt:FILE
+_EVAL_METHODS = (*_MODEL_METHODS, "growcut")  # besides ckpt:FILE and the oracles (evaluate.ORACLE_METHODS)
 
 
 def _case_files(cases: Sequence) -> list[tuple[str, Path]]:

@@ -225,3 +225,32 @@ def test_fewshot_experiment(manifest, tmp_path, monkeypatch):
         str(out.parent / "fs_bad"),
     )
     assert bad.returncode == 2 and "only 2 training cases" in bad.stderr
+
+
+def test_evaluate_oracles_print_dice_per_source_and_family(manifest, tmp_path):
+    """``oracle-N`` needs no model; the printed tables and the JSON give mean Dice per source and per family."""
+    out = tmp_path / "oracle.json"
+    methods = "oracle-32,oracle-64,oracle-128"
+    proc = mais("evaluate", "--manifest", str(manifest), "--methods", methods, "--clicks", "1,5", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert list(doc["methods"]) == methods.split(",") and doc["data"]["n_targets"] == 6
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert ["source", "targets", "method", "Dice@1", "Dice@5"] in rows
+    assert ["family", "targets", "method", "Dice@1", "Dice@5"] in rows
+    for name, res in doc["methods"].items():
+        assert res["model"] == {
+            "id": name,
+            "sha256": None,
+            "memory": False,
+            "memory_size": 0,
+            "output_grid": int(name[7:]),
+        }
+        synth = res["by_source"]["synth"]
+        assert list(res["by_source"]) == ["synth"] and synth["n_targets"] == 6
+        assert synth["dice_mean"] == res["dice_mean"] and res["dice_mean"]["1"] == res["dice_mean"]["5"]
+        assert res["by_family"] == {"other": synth}  # "Sphere" and "Box" are no anatomy
+        assert {t["source"] for t in res["targets"]} == {"synth"} and {t["family"] for t in res["targets"]} == {"other"}
+        assert ["synth", "6", name, f"{synth['dice_mean']['1']:.3f}", f"{synth['dice_mean']['5']:.3f}"] in rows
+    dice1 = [doc["methods"][m]["dice_mean"]["1"] for m in methods.split(",")]
+    assert 0.8 < dice1[0] <= dice1[1] <= dice1[2]  # a 14 mm sphere and a 16 x 16 x 20 mm box

@@ -10,7 +10,15 @@ import pytest
 
 from conftest import TESTING
 from MAISSegmentLib.data import list_targets
-from MAISSegmentLib.evaluate import result_document
+from MAISSegmentLib.evaluate import (
+    ORACLE_FACE_VOXELS,
+    ORACLE_SUPERSAMPLE,
+    OTHER_FAMILY,
+    STRUCTURE_FAMILIES,
+    result_document,
+    structure_family,
+)
+from MAISSegmentLib.session import GROW_MIN_MM, SessionOptions
 
 REPO = TESTING.parent
 EVALUATION = REPO / "docs" / "EVALUATION.md"
@@ -35,6 +43,21 @@ def test_evaluation_protocol_is_shipped_and_its_example_is_the_result_file_of_th
     assert built == example  # same fields, same nesting: the documented file is the one `mais evaluate` writes
     threshold = inspect.signature(list_targets).parameters["min_volume_mm3"].default
     assert f"smaller than {threshold:g} mm³" in text  # the documented threshold is the code's
+    for res in example["methods"].values():
+        assert all(t["family"] == structure_family(t["name"]) for t in res["targets"])
+        for field in ("by_source", "by_family"):
+            assert all(set(g) == {"n_targets", "dice_mean"} for g in res[field].values())
+
+
+def test_evaluation_oracle_and_families_are_documented_as_coded():
+    text = " ".join(EVALUATION.read_text(encoding="utf-8").split())  # paragraphs wrap anywhere
+    assert f"outermost {ORACLE_FACE_VOXELS * 1.5:g} mm" in text and f"at least {GROW_MIN_MM:g} mm beyond" in text
+    assert f"`max_rois` ({SessionOptions().max_rois})" in text
+    lo, hi = ORACLE_SUPERSAMPLE
+    assert f"s = {lo}, or up to {hi} for images finer than {1.5 / lo:g} mm" in text
+    for family, _ in STRUCTURE_FAMILIES:
+        assert f"`{family}`" in text
+    assert f"`{OTHER_FAMILY}` when no keyword matches" in text
 
 
 def test_readme_lint_commands_are_those_of_the_test_script():
