@@ -191,13 +191,14 @@ def oracle_rois(
 
 
 def truth_fractions(volume: Volume, truth: np.ndarray, roi: Roi, supersample: int | None = None) -> torch.Tensor:
-    """Fraction of each ROI voxel covered by ``truth`` (the true mask area-averaged onto the ROI grid).
+    """How much of each ROI voxel is truth, and how much of it is inside the image.
 
     A voxel of the label map is a box of its spacing. Each ROI voxel is split into ``supersample^3`` sub-voxels,
     each takes the label of the image voxel containing its centre (nearest neighbour,
-    :func:`~MAISSegmentLib.roi.resample_to_ras_grid`; zero outside the image), and their mean is the fraction of the
-    ROI voxel covered by the truth. Only the part of the ROI that the truth reaches is resampled. Averaging these
-    again over blocks gives the area average on a coarser output grid (:func:`oracle_logits`).
+    :func:`~MAISSegmentLib.roi.resample_to_ras_grid`); the means over the ROI voxel of "truth" and of "inside the
+    image" are its two channels. Only the part of the ROI that the truth reaches is resampled, in whole cells of
+    the coarsest output grid (elsewhere both channels are 0), so :func:`oracle_logits` can average both over any
+    output cell and divide.
 
     Args:
         volume: the image (its geometry).
@@ -207,19 +208,21 @@ def truth_fractions(volume: Volume, truth: np.ndarray, roi: Roi, supersample: in
             finest axis, within :data:`ORACLE_SUPERSAMPLE`.
 
     Returns:
-        ``(1, 1, size, size, size)`` float32 in ROI order (R, A, S), values in [0, 1].
+        ``(1, 2, size, size, size)`` float32 in ROI order (R, A, S): channel 0 the fraction covered by the truth,
+        channel 1 the fraction inside the image; values in [0, 1].
     """
     size = roi.size
-    out = torch.zeros(1, 1, size, size, size)
+    out = torch.zeros(1, 2, size, size, size)
     kji = np.argwhere(truth)
     if not len(kji):
         return out
-    # the truth's voxel box (grown by one voxel, to hold the voxels' extent), in ROI indices
+    # the truth's voxel box (grown by one voxel, to hold the voxels' extent) in ROI indices, in whole coarsest cells
     lo, hi = kji.min(0)[::-1] - 1.0, kji.max(0)[::-1] + 1.0
     corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     a = roi.ras_to_roi(volume.ijk_to_ras_points(corners))
-    a_lo = np.clip(np.floor(a.min(0) + 0.5).astype(int), 0, size)  # ROI voxel a spans [a - 0.5, a + 0.5)
-    a_hi = np.clip(np.ceil(a.max(0) + 0.5).astype(int), 0, size)
+    cell = size // min(ORACLE_GRIDS)
+    a_lo = np.clip(np.floor((a.min(0) + 0.5) / cell).astype(int) * cell, 0, size)  # ROI voxel a: [a - 0.5, a + 0.5)
+    a_hi = np.clip(np.ceil((a.max(0) + 0.5) / cell).astype(int) * cell, 0, size)
     if np.any(a_hi <= a_lo):
         return out
     lo_s, hi_s = ORACLE_SUPERSAMPLE
@@ -227,23 +230,26 @@ def truth_fractions(volume: Volume, truth: np.ndarray, roi: Roi, supersample: in
     fine_spacing = roi.spacing / s
     origin = roi.roi_to_ras(a_lo.astype(np.float64) - 0.5) + fine_spacing / 2  # centre of the first sub-voxel
     shape = tuple(int(x) for x in (a_hi - a_lo) * s)
-    mask = truth.astype(np.float32)
+    coded = truth.astype(np.float32) + 1  # 2: truth, 1: image, 0 (the resampling's padding): outside the image
     rows = max(s, ORACLE_CHUNK_POINTS // (shape[1] * shape[2]) // s * s)  # whole ROI voxels per chunk
     parts = []
     for r0 in range(0, shape[0], rows):
         n_r = min(rows, shape[0] - r0)
         o = origin + np.array([r0 * fine_spacing, 0.0, 0.0])
-        fine = resample_to_ras_grid(volume, o, (n_r, shape[1], shape[2]), fine_spacing, "nearest", array=mask)
-        parts.append(F.avg_pool3d(fine, s))
-    out[..., a_lo[0] : a_hi[0], a_lo[1] : a_hi[1], a_lo[2] : a_hi[2]] = torch.cat(parts, dim=2).clamp(0, 1)
+        fine = resample_to_ras_grid(volume, o, (n_r, shape[1], shape[2]), fine_spacing, "nearest", array=coded)
+        parts.append(F.avg_pool3d(torch.cat([(fine > 1.5).float(), (fine > 0.5).float()], dim=1), s))
+    out[..., a_lo[0] : a_hi[0], a_lo[1] : a_hi[1], a_lo[2] : a_hi[2]] = torch.cat(parts, dim=2)
     return out
 
 
 def oracle_logits(fractions: torch.Tensor, grid: int) -> torch.Tensor:
     """The oracle's logits on a ``grid``^3 output grid: the area average of the truth minus 0.5.
 
+    The average is over the part of each cell inside the image (outside it there is no truth to average, and a
+    model may predict anything there); a cell wholly outside the image gets -0.5.
+
     Args:
-        fractions: ``(1, 1, size, size, size)`` from :func:`truth_fractions`.
+        fractions: ``(1, 2, size, size, size)`` from :func:`truth_fractions`.
         grid: output grid edge (divides ``size``).
 
     Returns:
@@ -253,7 +259,9 @@ def oracle_logits(fractions: torch.Tensor, grid: int) -> torch.Tensor:
     size = fractions.shape[-1]
     if size % grid:
         raise ConfigError(f"oracle output grid {grid} does not divide the ROI's {size} voxels")
-    return F.avg_pool3d(fractions, size // grid) - 0.5
+    pooled = F.avg_pool3d(fractions, size // grid)
+    truth, inside = pooled[:, :1], pooled[:, 1:]
+    return torch.where(inside > 0, truth / inside.clamp(min=1e-12), torch.zeros_like(truth)) - 0.5
 
 
 def compose_rois(volume: Volume, logits: Sequence[tuple[Roi, torch.Tensor]], blend_margin: float = 16.0) -> np.ndarray:

@@ -64,6 +64,15 @@ def test_thin_slab_is_lost_on_the_coarse_grid():
     assert d32 < 0.2 and d128 > 0.95 and d32 <= d64 <= d128, (d32, d64, d128)
 
 
+def test_a_cell_cut_by_the_image_edge_is_averaged_over_its_part_inside_the_image():
+    """The last 3 mm slice labelled: its 6 mm cells hang 3.75 mm out of the image, where there is no truth to
+    average; over the part inside, the cell is all truth, so even oracle-32 keeps the slice."""
+    vol, ras = _volume((20, 40, 40), (1.5, 1.5, 3.0), (-30.0, -30.0, -30.0))
+    truth = np.zeros(ras.shape[:3], dtype=bool)
+    truth[-1, 5:-5, 5:-5] = True
+    assert dice(oracle_mask(vol, truth, _center_ras(vol, truth), 32), truth) > 0.85  # 0 if outside counted as 0
+
+
 @pytest.mark.parametrize("direction", [None, np.diag([-1.0, -1.0, 1.0])])  # RAS and LPS storage
 def test_oracle_128_is_exact_on_a_1p5mm_ras_aligned_image(direction):
     """The 128^3 grid of a ROI at 1.5 mm is the image's own grid: even a ragged mask comes back voxel for voxel."""
