@@ -75,6 +75,9 @@ class TrainConfig:
     amp: bool = True  # mixed precision (bf16) on CUDA
     cpu_bf16: bool = False  # bf16 autocast on the CPU too (fast on CPUs with AVX512-BF16/AMX; ~1.3x here)
     targets_per_crop: int = 1  # episodes per crop (other labels in the crop share the encoder pass)
+    synthetic_fraction: float = 0.0  # share of episodes on a synthetic target drawn from the image itself
+    # (synthetic_targets.py: unseen anatomy); the rest on labelled structures
+    ct_window_prob: float = 0.0  # chance that a CT crop is clipped to a random soft-tissue window first
     checkpoint_every: int = 200  # steps between checkpoints
     seed: int = 0
     model_id: str = "mais-custom"
@@ -126,6 +129,10 @@ def _check_config(cfg: TrainConfig) -> None:
     for name, value in rates.items():
         if value is not None and not _positive_number(value):
             raise ConfigError(f"{name} ({_option(name)}) must be a positive learning rate such as 8e-5, got {value!r}")
+    for name in ("synthetic_fraction", "ct_window_prob"):
+        value = getattr(cfg, name)
+        if not (_positive_number(value) or value == 0) or value > 1:
+            raise ConfigError(f"{name} ({_option(name)}) must be a fraction between 0 and 1, got {value!r}")
     if not (_positive_number(cfg.low_res_loss_weight) or cfg.low_res_loss_weight == 0):
         raise ConfigError(f"low_res_loss_weight must be zero or a positive number, got {cfg.low_res_loss_weight!r}")
     if not (_positive_number(cfg.weight_decay) or cfg.weight_decay == 0):
@@ -182,12 +189,31 @@ def crop_sample(
     size: int = 128,
     others: int = 0,
     min_voxels: int = 64,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Sample:
     """A ``size``^3 crop of a preprocessed case centred on a random voxel of label ``value`` (zero-padded).
 
     ``others``: up to this many other labels present in the crop (at least ``min_voxels`` voxels) become
-    extra targets of the same crop, so one encoder pass serves several episodes.
+    extra targets of the same crop, so one encoder pass serves several episodes. ``transform``: applied to the
+    crop's raw intensities before normalisation (e.g. :func:`~MAISSegmentLib.synthetic_targets.random_ct_window`).
     """
+    img, lab = crop_arrays(image, label, value, rng, size)
+    if transform is not None:
+        img = transform(img)
+    extra: list[torch.Tensor] = []
+    if others > 0:
+        values, counts = np.unique(lab[lab > 0], return_counts=True)
+        candidates = [int(v) for v, c in zip(values, counts) if v != value and c >= min_voxels]
+        for v in rng.permutation(candidates)[:others] if candidates else []:
+            extra.append(torch.from_numpy(lab == v))
+    return Sample(normalise_roi(torch.from_numpy(img))[None, None], torch.from_numpy(lab == value), others=extra)
+
+
+def crop_arrays(
+    image: np.ndarray, label: np.ndarray, value: int, rng: np.random.Generator, size: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw ``size``^3 crops (image float32, label) centred on a random voxel of label ``value``; outside the case
+    the image is zero and the label background."""
     fg = np.argwhere(label == value)
     if len(fg) == 0:
         raise ValueError(f"label {value} is not present")
@@ -199,13 +225,30 @@ def crop_sample(
     dst = tuple(slice(s.start - lo[d], s.stop - lo[d]) for d, s in enumerate(src))
     img[dst] = image[src]
     lab[dst] = label[src]
-    extra: list[torch.Tensor] = []
-    if others > 0:
-        values, counts = np.unique(lab[lab > 0], return_counts=True)
-        candidates = [int(v) for v, c in zip(values, counts) if v != value and c >= min_voxels]
-        for v in rng.permutation(candidates)[:others] if candidates else []:
-            extra.append(torch.from_numpy(lab == v))
-    return Sample(normalise_roi(torch.from_numpy(img))[None, None], torch.from_numpy(lab == value), others=extra)
+    return img, lab
+
+
+def synthetic_sample(
+    image: np.ndarray,
+    label: np.ndarray,
+    value: int,
+    rng: np.random.Generator,
+    size: int = 128,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Sample | None:
+    """A crop placed like :func:`crop_sample`'s (inside the anatomy) whose target is a synthetic region grown from
+    a random voxel within 40 voxels of the crop's centre (:func:`~MAISSegmentLib.synthetic_targets.synthetic_target`);
+    None when no region of a usable size was found."""
+    from .synthetic_targets import synthetic_target
+
+    img, _lab = crop_arrays(image, label, value, rng, size)
+    if transform is not None:
+        img = transform(img)
+    centre = np.full(3, size // 2) + rng.integers(-40, 41, 3)
+    mask = synthetic_target(img, rng, centre=centre)
+    if mask is None:
+        return None
+    return Sample(normalise_roi(torch.from_numpy(img))[None, None], torch.from_numpy(mask))
 
 
 def simulate_click(target: torch.Tensor, pred: torch.Tensor | None, gen: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -731,9 +774,19 @@ class TargetSampler:
     """
 
     def __init__(
-        self, targets: list, cache, seed: int = 0, crop_size: int = 128, keep: int = 16, others: int = 0
+        self,
+        targets: list,
+        cache,
+        seed: int = 0,
+        crop_size: int = 128,
+        keep: int = 16,
+        others: int = 0,
+        synthetic_fraction: float = 0.0,
+        ct_window_prob: float = 0.0,
     ) -> None:
         self.others = others  # extra targets per crop (TrainConfig.targets_per_crop - 1)
+        self.synthetic_fraction = synthetic_fraction  # TrainConfig.synthetic_fraction
+        self.ct_window_prob = ct_window_prob  # TrainConfig.ct_window_prob
         if not targets:
             raise ConfigError("no training targets: check the manifest, split and --structures filter")
         self.targets, self.cache, self.seed, self.crop_size, self.keep = targets, cache, seed, crop_size, keep
@@ -750,6 +803,21 @@ class TargetSampler:
         rng = np.random.default_rng([self.seed, index])
         target = self.targets[int(rng.integers(len(self.targets)))]
         pre = self._case(target.case)
-        sample = crop_sample(pre.image, pre.label, target.label, rng, self.crop_size, others=self.others)
+        transform = None
+        is_ct = target.case.modality.upper().startswith("CT")
+        if is_ct and rng.random() < self.ct_window_prob:
+            from .synthetic_targets import random_ct_window
+
+            def transform(img: np.ndarray, rng: np.random.Generator = rng) -> np.ndarray:
+                return random_ct_window(img, rng)
+
+        if self.synthetic_fraction and rng.random() < self.synthetic_fraction:
+            sample = synthetic_sample(pre.image, pre.label, target.label, rng, self.crop_size, transform)
+            if sample is not None:
+                sample.name = f"{target.case.id}:synthetic"
+                return sample
+        sample = crop_sample(
+            pre.image, pre.label, target.label, rng, self.crop_size, others=self.others, transform=transform
+        )
         sample.name = f"{target.case.id}:{target.name}"
         return sample
