@@ -605,14 +605,19 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .checkpoint import build_model
-    from .demo import run_demo
+    from .demo import plan_demo, run_demo
+    from .devices import resolve_device
 
-    if args.clicks < 1:
-        raise PromptError("--clicks must be at least 1")
+    # Everything that can be refused is refused before the model loads: clicks, --out, the structure, the files.
+    plan = plan_demo(args.out, args.structure, args.clicks)
+    resolve_device(args.device)
     ckpt = _model_checkpoint(args, "mais demo")
+    case = plan.target.case
+    inputs = [("--checkpoint", ckpt), ("the sample image", case.image), ("the sample label map", case.label)]
+    _check_outputs([("--out", f) for f in plan.files], inputs)
     model = build_model(None, checkpoint=ckpt, device=args.device, trusted=args.trust_checkpoint)
     print(f"model: {model.load_report.summary()}")
-    run_demo(model, args.out, args.structure, args.clicks)
+    run_demo(model, args.out, plan.target.name, args.clicks)
     return 0
 
 

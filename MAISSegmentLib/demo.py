@@ -10,22 +10,78 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .clicks import RobotUser
-from .data import list_targets, load_cases
-from .errors import PromptError
+from .data import Target, list_targets, load_cases
+from .errors import ConfigError, PromptError
 from .evaluate import dice
-from .fileutil import atomic_write
+from .fileutil import atomic_write, writable_problem
 from .model.mais import MAISModel
 from .resources import sample_dir
-from .session import InteractiveSession, SessionOptions
+from .session import MAX_CLICKS, InteractiveSession, SessionOptions
 from .volume import Volume
 
 SAMPLE_DIR = sample_dir()  # Resources/sample of the checkout, or its copy inside an installed wheel
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """What a demo run reads and writes, known before any work (:func:`plan_demo`).
+
+    Args:
+        target: the sample case's structure to segment.
+        segmentation: ``<out>/<structure>.seg.nrrd``.
+        slices: ``<out>/<structure>_slices.png`` (three planes with outlines).
+        curve: ``<out>/dice_vs_clicks.png``.
+    """
+
+    target: Target
+    segmentation: Path
+    slices: Path
+    curve: Path
+
+    @property
+    def files(self) -> tuple[Path, Path, Path]:
+        return (self.segmentation, self.slices, self.curve)
+
+
+def plan_demo(
+    out_dir: str | Path, structure: str | None = None, n_clicks: int = 10, sample_dir: str | Path = SAMPLE_DIR
+) -> DemoPlan:
+    """Check a demo's settings and output folder and name its files, before any work (reads headers only).
+
+    Args:
+        out_dir: the output folder (created when missing); it must not be a file nor a folder we cannot write in.
+        structure: a structure of the sample case (None: the sample's ``demo_structure``, the liver).
+        n_clicks: simulated clicks, 1 to :data:`~MAISSegmentLib.session.MAX_CLICKS`.
+        sample_dir: the folder holding the sample's ``manifest.json``.
+
+    Raises:
+        PromptError: ``n_clicks`` out of range; the sample has no such structure.
+        ConfigError: ``out_dir`` is an existing file or a folder that cannot be written into.
+    """
+    if isinstance(n_clicks, bool) or not isinstance(n_clicks, int | np.integer) or not 1 <= n_clicks <= MAX_CLICKS:
+        raise PromptError(
+            f"--clicks must be between 1 and {MAX_CLICKS} (an object's limit in a session), got {n_clicks}"
+        )
+    out = Path(out_dir)
+    problem = writable_problem(out, folder=True)
+    if problem:
+        raise ConfigError(f"--out {out}: {problem}")
+    manifest = Path(sample_dir) / "manifest.json"
+    structure = structure or json.loads(manifest.read_text()).get("demo_structure", "")
+    targets, _ = list_targets(load_cases(manifest))
+    chosen = [t for t in targets if t.name.lower() == structure.lower()]
+    if not chosen:
+        names = ", ".join(sorted({t.name for t in targets}))
+        raise PromptError(f"the sample case has no structure {structure!r}; choose one of: {names}")
+    name = chosen[0].name.replace(" ", "_")
+    return DemoPlan(chosen[0], out / f"{name}.seg.nrrd", out / f"{name}_slices.png", out / "dice_vs_clicks.png")
 
 
 def run_demo(
@@ -36,19 +92,16 @@ def run_demo(
     sample_dir: str | Path = SAMPLE_DIR,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the demo; returns ``{"structure", "dice": [per click], "seconds": [per click], "files": [...]}``."""
+    """Run the demo; returns ``{"structure", "dice": [per click], "seconds": [per click], "files": [...]}``.
+
+    Raises:
+        PromptError, ConfigError: as :func:`plan_demo`, before any click.
+    """
     from .io import read_volume
     from .seg_nrrd import Segment, write_segmentation
 
-    manifest = Path(sample_dir) / "manifest.json"
-    structure = structure or json.loads(manifest.read_text()).get("demo_structure", "")
-    cases = load_cases(manifest)
-    targets, _ = list_targets(cases)
-    chosen = [t for t in targets if t.name.lower() == structure.lower()]
-    if not chosen:
-        names = ", ".join(sorted({t.name for t in targets}))
-        raise PromptError(f"the sample case has no structure {structure!r}; choose one of: {names}")
-    target = chosen[0]
+    plan = plan_demo(out_dir, structure, n_clicks, sample_dir)
+    target = plan.target
     volume = read_volume(target.case.image)
     gt = read_volume(target.case.label).array == target.label
     session = InteractiveSession(model, SessionOptions())
@@ -64,9 +117,7 @@ def run_demo(
         pred = session.mask > 0
         scores.append(dice(pred, gt))
         log(f"click {k:2d} ({'+' if c.include else '-'}) at IJK {c.ijk}: Dice {scores[-1]:.3f} ({seconds[-1]:.2f} s)")
-    out = Path(out_dir)
-    name = target.name.replace(" ", "_")
-    seg_path, slices_path, plot_path = out / f"{name}.seg.nrrd", out / f"{name}_slices.png", out / "dice_vs_clicks.png"
+    seg_path, slices_path, plot_path = plan.files
     write_segmentation(seg_path, volume, [Segment(target.name, session.mask)])
     save_slices_png(
         volume, session.mask > 0, gt, slices_path, title=f"{target.name}: Dice {scores[-1]:.3f} after {n_clicks} clicks"

@@ -345,6 +345,63 @@ def test_fewshot_refuses(
     run_refused(capsys, root, expand(["fewshot", *_without_replaced(args, extra), *extra], root), message)
 
 
+# ---------------------------------------------------------------------------------------------------- mais demo
+def read_only_folder(d: Path) -> None:
+    (d / "ro").mkdir()
+    (d / "ro").chmod(0o555)
+
+
+def demo_outputs_in_the_way(d: Path) -> None:
+    """In the demo's --out folder: a folder where the .seg.nrrd goes, a read-only file where the plot goes."""
+    (d / "demo" / "liver.seg.nrrd").mkdir(parents=True)
+    (d / "demo" / "dice_vs_clicks.png").write_bytes(b"the user's earlier plot")
+    (d / "demo" / "dice_vs_clicks.png").chmod(0o444)
+
+
+DEMO_CASES = [
+    ("out-is-a-file", None, ["--out", "{d}/image.nii.gz"], r"--out .*image\.nii\.gz: .* is a file, not a folder"),
+    ("out-is-the-checkpoint", None, ["--out", "{d}/model.pth"], r"is a file, not a folder"),
+    ("out-under-a-file", None, ["--out", "{d}/image.nii.gz/demo"], r"is a file, not a folder"),
+    ("out-read-only-folder", read_only_folder, ["--out", "{d}/ro"], r"cannot write into the folder .*ro: no permiss"),
+    ("out-under-read-only", read_only_folder, ["--out", "{d}/ro/demo"], r"cannot write into the folder .*ro: no perm"),
+    ("seg-nrrd-is-a-folder", demo_outputs_in_the_way, ["--out", "{d}/demo"], r"--out .*liver\.seg\.nrrd is a folder"),
+    (
+        "plot-read-only",
+        demo_outputs_in_the_way,
+        ["--out", "{d}/demo", "--structure", "spleen"],
+        r"dice_vs_clicks\.png is read-only",
+    ),
+    ("unknown-structure", None, ["--structure", "heart_of_gold"], r"no structure 'heart_of_gold'.*liver"),
+    ("clicks-0", None, ["--clicks", "0"], r"--clicks must be between 1 and 500"),
+    ("clicks-501", None, ["--clicks", "501"], r"--clicks must be between 1 and 500"),
+    ("device-cpu-x", None, ["--device", "cpu:x"], r"device number"),
+]
+
+
+@pytest.mark.parametrize(("setup", "extra", "message"), [c[1:] for c in DEMO_CASES], ids=[c[0] for c in DEMO_CASES])
+def test_demo_refuses(
+    capsys: pytest.CaptureFixture,
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    setup: Callable | None,
+    extra: list[str],
+    message: str,
+) -> None:
+    if setup is not None:
+        setup(root)
+    real_access = os.access
+
+    def access_as_a_user(path: os.PathLike | str, mode: int, **kwargs: object) -> bool:
+        """``os.access`` as for a user who is not root (root may write into a folder whose write bits are off)."""
+        if mode & os.W_OK and Path(path).is_dir() and not Path(path).stat().st_mode & 0o222:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access_as_a_user)
+    args = ["--checkpoint", "{d}/model.pth", "--clicks", "1", "--device", "cpu", "--out", "{d}/demo"]
+    run_refused(capsys, root, expand(["demo", *_without_replaced(args, extra), *extra], root), message)
+
+
 # ---------------------------------------------------------------------------------------------------- what still works
 def test_state_may_be_saved_back_to_the_resumed_file(capsys: pytest.CaptureFixture, root: Path) -> None:
     """``--state`` equal to ``--resume`` is the normal way to continue a session: not refused as an overwrite."""
