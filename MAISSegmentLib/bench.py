@@ -11,6 +11,9 @@ Measured in one run, so ratios compare like with like:
 * first click and click -> mask through the interactive session on a synthetic 512x512x300 CT
   (0.8 x 0.8 x 1.0 mm): ROI resampling, encoder, network and resampling back onto the original grid
   (``first_click_seconds``, ``click_to_mask_seconds``, ``click_to_mask_breakdown``);
+* with a full-resolution head (e.g. ``--preset mais-small-fr``): its once-per-ROI features
+  (``fullres_features_seconds``) and the per-click seconds with the head (128^3 logits) against the same clicks
+  without it (32^3 logits upsampled) -> ``fullres_overhead``; the session figures then include the head;
 * peak resident memory of the process (and peak CUDA memory on a GPU).
 """
 
@@ -68,20 +71,28 @@ def time_clicks(
     labels: torch.Tensor,
     bank: MemoryBank | None,
     warm: int,
+    features: Any = None,
 ) -> list[float]:
-    """Run every click of the sequence; return the seconds of those after the first ``warm``."""
+    """Run every click of the sequence; return the seconds of those after the first ``warm``.
+
+    ``features``: the ROI's full-resolution features (:meth:`MAISModel.encode_fullres`): the clicks then run the
+    head and threshold its 128^3 logits instead of the upsampled 32^3 ones.
+    """
     device, size = model.device, model.cfg.image_encoder.img_size
     pe = model.dense_pe()
-    prev = model.empty_mask()
+    prev, prev_full = model.empty_mask(), None
     times: list[float] = []
     for t in range(points.shape[1]):
         pts, lab = points[:, : t + 1].to(device), labels[:, : t + 1].to(device)
 
         def click(pts: torch.Tensor = pts, lab: torch.Tensor = lab) -> None:
-            nonlocal prev
-            out = model.step(embedding, pts, lab, prev, bank=bank, image_pe=pe)
-            prev = out.low_res_logits
-            hi = F.interpolate(prev, size=(size, size, size), mode="trilinear", align_corners=False)
+            nonlocal prev, prev_full
+            out = model.step(embedding, pts, lab, prev, bank=bank, image_pe=pe, features=features, prev_full=prev_full)
+            prev, prev_full = out.low_res_logits, out.full_res_logits
+            if prev_full is None:
+                hi = F.interpolate(prev, size=(size, size, size), mode="trilinear", align_corners=False)
+            else:
+                hi = prev_full
             (hi > 0).to(torch.uint8)  # sigmoid(x) > 0.5  <=>  x > 0
 
         dt = _timed(click, device)
@@ -214,6 +225,17 @@ def run_bench(
         res["click_seconds_memory"] = statistics.median(t_mem)
         res["click_seconds_no_memory"] = statistics.median(t_none)
         res["memory_overhead"] = res["click_seconds_memory"] / res["click_seconds_no_memory"]
+        if model.has_fullres:
+            model.encode_fullres(image)  # warm-up
+            res["fullres_features_seconds"] = statistics.median(
+                _timed(lambda: model.encode_fullres(image), dev) for _ in range(repeats)
+            )
+            features = model.encode_fullres(image)
+            t_full = time_clicks(
+                model, embedding, points, labels, model.new_memory_bank(capacity=memory_size), warm, features
+            )
+            res["click_seconds_fullres"] = statistics.median(t_full)
+            res["fullres_overhead"] = res["click_seconds_fullres"] / res["click_seconds_memory"]
         if with_ct:
             res.update(run_click_to_mask(model, log=log))
     res["peak_rss_mb"] = peak_rss_mb()
@@ -235,6 +257,12 @@ def format_table(res: dict[str, Any]) -> str:
         ("memory overhead", f"{res['memory_overhead']:.2f}x"),
         ("peak RSS", f"{res['peak_rss_mb']:.0f} MiB"),
     ]
+    if "click_seconds_fullres" in res:
+        rows[-1:-1] = [
+            ("full-resolution features (per ROI)", f"{res['fullres_features_seconds'] * 1000:.0f} ms"),
+            ("click, memory + full-resolution head", f"{res['click_seconds_fullres'] * 1000:.1f} ms"),
+            ("full-resolution overhead", f"{res['fullres_overhead']:.2f}x"),
+        ]
     if "first_click_seconds" in res:
         b = res["click_to_mask_breakdown"]
         f = b["first_click"]

@@ -425,6 +425,29 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
         help="memory attention learning rate (default: 8e-4 when it starts fresh, the paper's; "
         "the --lr-prompt-decoder value when the checkpoint has a trained one)",
     )
+    p.add_argument(
+        "--fullres",
+        action="store_true",
+        help="add a fresh full-resolution mask head (128^3 logits per 128^3 ROI) when the network has none",
+    )
+    p.add_argument(
+        "--lr-fullres",
+        type=float,
+        default=None,
+        help="full-resolution head learning rate (default: 8e-4 when it starts fresh, else --lr-prompt-decoder)",
+    )
+    p.add_argument(
+        "--synthetic-fraction",
+        type=float,
+        default=0.0,
+        help="share of episodes on synthetic targets grown from the images (unseen anatomy), 0-1",
+    )
+    p.add_argument(
+        "--ct-window-prob",
+        type=float,
+        default=0.0,
+        help="chance that a CT crop is clipped to a random soft-tissue window (robust to clipped CT), 0-1",
+    )
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (from scratch: ~100)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes (resume later)")
@@ -469,6 +492,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr_encoder=args.lr_encoder,
         lr_prompt_decoder=args.lr_prompt_decoder,
         lr_memory=args.lr_memory,
+        fullres=args.fullres,
+        lr_fullres=args.lr_fullres,
+        synthetic_fraction=args.synthetic_fraction,
+        ct_window_prob=args.ct_window_prob,
         warmup_steps=args.warmup_steps,
         seed=args.seed,
         model_id=args.model_id,
@@ -505,7 +532,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "command": "mais " + " ".join(sys.argv[1:]),
         },
     )
-    sampler = TargetSampler(targets, PreprocessCache(args.cache_dir), seed=args.seed, others=args.targets_per_crop - 1)
+    sampler = TargetSampler(
+        targets,
+        PreprocessCache(args.cache_dir),
+        seed=args.seed,
+        others=args.targets_per_crop - 1,
+        synthetic_fraction=cfg.synthetic_fraction,
+        ct_window_prob=cfg.ct_window_prob,
+    )
     train(
         cfg,
         sampler,
