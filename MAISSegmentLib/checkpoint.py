@@ -483,23 +483,19 @@ def check_config_matches_weights(cfg: ModelConfig, sd: dict[str, torch.Tensor], 
             f"({'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}); the file is damaged or was edited. "
             "Nothing was built"
         )
-    memory = {k: v for k, v in sd.items() if k.startswith(MEMORY_PREFIX)}
-    if memory:
+    for prefix, sketch, part in (
+        (MEMORY_PREFIX, _memory_sketch, "memory"),
+        (FULLRES_PREFIX, _fullres_sketch, "full-resolution head"),
+    ):
+        stored = {k: v for k, v in sd.items() if k.startswith(prefix)}
+        if not stored:
+            continue  # the part starts fresh
         try:
-            check_state_dict(_memory_sketch(cfg), memory)
+            check_state_dict(sketch(cfg), stored)
         except CheckpointError as exc:
             raise CheckpointError(
-                f"checkpoint {where} stores a memory configuration that does not match its own memory weights: "
+                f"checkpoint {where} stores a {part} configuration that does not match its own {part} weights: "
                 f"{str(exc).split(': ', 1)[-1]}"
-            ) from None
-    head = {k: v for k, v in sd.items() if k.startswith(FULLRES_PREFIX)}
-    if head:
-        try:
-            check_state_dict(_fullres_sketch(cfg), head)
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"checkpoint {where} stores a full-resolution head configuration that does not match its own "
-                f"weights: {str(exc).split(': ', 1)[-1]}"
             ) from None
 
 

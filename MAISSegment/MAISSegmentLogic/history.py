@@ -38,9 +38,11 @@ class HistoryMixin:
         self._others_wrote(target, record)
         return record
 
-    def _others_wrote(self, target: _Target, record: Any) -> None:
-        """Other segments a write (or undo/redo) changed hold the record's content now: not the user's edits."""
+    def _others_wrote(self, target: _Target, record: Any, side: str = "after") -> None:
+        """Other segments a write changed hold the record's ``side`` now ("after" a write or redo, "before" after an
+        undo): that content is MAISSegment's, not the user's edits."""
         for segment_id in record.segment_ids[1:]:
+            content = (record.after if side == "after" else record.before)(segment_id)
             for other in self._targets.values():
                 if (
                     other.segmentation_node_id == target.segmentation_node_id
@@ -48,19 +50,7 @@ class HistoryMixin:
                     and other.edits is not None
                     and other.edits.known
                 ):
-                    other.edits.wrote(record.box, record.after(segment_id))
-
-    def _others_restored(self, target: _Target, record: Any) -> None:
-        """After an undo: the other segments the write changed hold their content from before it."""
-        for segment_id in record.segment_ids[1:]:
-            for other in self._targets.values():
-                if (
-                    other.segmentation_node_id == target.segmentation_node_id
-                    and other.segment_id == segment_id
-                    and other.edits is not None
-                    and other.edits.known
-                ):
-                    other.edits.wrote(record.box, record.before(segment_id))
+                    other.edits.wrote(record.box, content)
 
     def _push(self, target: _Target, operation: _Operation) -> None:
         """Record an operation; keep no more session steps than the session itself can undo."""
@@ -149,7 +139,7 @@ class HistoryMixin:
                 edited = operation.edited_after if redo else operation.edited_before
                 if edited is not None:
                     target.edits.edited = _copy_boxed(edited)
-            self._others_wrote(target, record) if redo else self._others_restored(target, record)
+            self._others_wrote(target, record, "after" if redo else "before")
         stack.pop()
         for _step in range(operation.steps):
             target.session.redo() if redo else target.session.undo()
