@@ -272,10 +272,11 @@ class DependenciesMixin:
     def ensure_dependencies(self, confirm: Callable[[list[str]], bool] | None = None) -> None:
         """Make torch and the packages of ``Resources/requirements.txt`` available; nothing is imported before.
 
-        Inside Slicer (main thread: it may show dialogs) torch comes from the PyTorch extension (``PyTorchUtils``
-        chooses the CUDA or CPU build for the machine, asking first) and missing packages are listed to the user
-        (``confirm(packages) -> bool``; default: a dialog) before ``slicer.packaging.pip_ensure`` (Slicer ≥ 5.12;
-        ``slicer.util.pip_install`` before) installs them. Outside Slicer nothing is installed: a missing package is
+        Inside Slicer, on the main thread (it may show dialogs), torch comes from the PyTorch extension
+        (``PyTorchUtils`` chooses the CUDA or CPU build for the machine, asking first) and missing packages are
+        listed to the user (``confirm(packages) -> bool``; default: a dialog) before ``slicer.packaging.pip_ensure``
+        (Slicer ≥ 5.12; ``slicer.util.pip_install`` before) installs them. Outside Slicer, and on any other thread,
+        nothing is installed: a missing package is
         an error naming it.
 
         Raises:
@@ -283,7 +284,9 @@ class DependenciesMixin:
         """
         if self._dependencies_ok:
             return
-        in_slicer = getattr(slicer, "app", None) is not None
+        # Only the main thread may install (installing asks first, in dialogs): on the worker thread a missing
+        # dependency is an error naming it, never a dialog (Qt widgets outside the main thread crash Slicer).
+        in_slicer = getattr(slicer, "app", None) is not None and threading.current_thread() is threading.main_thread()
         self._ensure_torch(in_slicer)
         missing = self.missing_requirements()
         if missing:
