@@ -52,6 +52,7 @@ from .model.config import (
 from .model.fullres_head import FULLRES_PREFIX, FullResHead
 from .model.mais import MEMORY_PREFIX, MAISModel
 from .model.memory_attention import MemoryAttention
+from .quantize import dequantise_state_dict, quantise_state_dict
 from .sysinfo import available_memory_bytes
 
 FORMAT = "maissegment-checkpoint"
@@ -279,6 +280,8 @@ def split_checkpoint(obj: Any) -> tuple[str, dict[str, torch.Tensor], dict[str, 
                 f"understands ({FORMAT_VERSION}); update MAISSegment"
             )
         sd, meta, source = obj.get("state_dict"), obj, "maissegment"
+        if obj.get("storage_dtype") == "int8" and isinstance(sd, dict):
+            sd = dequantise_state_dict(sd, obj.get("quant_scales"))
     elif isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
         meta = {k: v for k, v in obj.items() if k != "model_state_dict"}
         sd, source = obj["model_state_dict"], "sam-med3d"
@@ -693,7 +696,7 @@ def save_checkpoint(
     return digest
 
 
-RELEASE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RELEASE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
 def export_release(
@@ -715,7 +718,8 @@ def export_release(
 
     Args:
         src: a MAISSegment or SAM-Med3D checkpoint. dst: the release file (written atomically).
-        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` or ``"int8"`` (matrices as int8 rows with float32
+            scales, the rest float16: :mod:`MAISSegmentLib.quantize`; about half the size of float16).
         model_id, version: identity (default: the source's, else the file name / ``"0"``).
 
     Returns:
@@ -730,7 +734,12 @@ def export_release(
     report = model.load_report
     target = RELEASE_DTYPES[dtype]
     sd: dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
+    extra: dict[str, Any] = {}
+    if dtype == "int8":
+        stored, scales = quantise_state_dict(model.state_dict())
+        sd = dequantise_state_dict(stored, scales)  # what a load gives: the digest is of these weights
+        extra = {"quant_scales": scales}
+    for k, v in ({} if dtype == "int8" else model.state_dict()).items():
         v = v.detach().cpu()
         if v.is_floating_point() and v.dtype != target:
             cast = v.to(target)
@@ -745,7 +754,8 @@ def export_release(
         "model_id": model_id or report.model_id or pathlib.Path(src).stem,
         "version": version or report.version or "0",
         "config": model.cfg.to_dict(),
-        "state_dict": sd,
+        "state_dict": stored if dtype == "int8" else sd,
+        **extra,
         "provenance": {**(report.provenance or {}), **(provenance or {})},
         "sha256": digest,
         "storage_dtype": dtype,

@@ -708,7 +708,12 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("checkpoint", help="training checkpoint (e.g. runs/NAME/last.pth)")
     q.add_argument("--out", required=True, help="release file to write (replaced atomically)")
-    q.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"), help="storage precision")
+    q.add_argument(
+        "--dtype",
+        default="float16",
+        choices=("float16", "bfloat16", "float32", "int8"),
+        help="storage precision (int8: matrices as 8-bit rows with scales, about half the size of float16)",
+    )
     q.add_argument("--id", default=None, help="model id (default: the checkpoint's)")
     q.add_argument("--version", default=None, help="model version (default: the checkpoint's)")
     q.add_argument("--provenance", default=None, help="JSON file whose entries are merged into the provenance")
