@@ -32,6 +32,7 @@ Heavy imports (torch, MAISSegmentLib) happen inside functions, at first use, aft
 import importlib
 import logging
 import os
+import unittest
 from typing import Annotated, Any
 
 import numpy as np
@@ -1065,14 +1066,14 @@ class MAISSegmentTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         if not MAISSegmentLogic().dependencies_present():
-            # installing PyTorch asks the user (a dialog would block an unattended ctest run): say so and stop
-            self.delayDisplay(
-                _(
-                    "MAISSegment tests skipped: PyTorch is not installed. Open the module and place a point once to "
-                    "install it."
-                )
+            # installing PyTorch asks the user (a dialog would block an unattended ctest run): say so and report the
+            # run as skipped, never as passed
+            message = _(
+                "MAISSegment tests skipped: PyTorch is not installed. Open the module and place a point once to "
+                "install it."
             )
-            return
+            self.delayDisplay(message)
+            raise unittest.SkipTest(message)
         for test in (
             self.test_points_update_undo_redo,
             self.test_work_made_meanwhile_is_kept,

@@ -969,6 +969,18 @@ def test_selected_point_rules(mrml, module):
     assert logic.selected_point(include, exclude) == (include, 0)
 
 
+def test_the_in_slicer_test_case_is_skipped_not_passed_without_pytorch(mrml, module, monkeypatch):
+    """Without PyTorch the in-Slicer test cannot run: it must be reported as skipped (with the reason), not as a
+    success."""
+    import unittest
+
+    monkeypatch.setattr(module.MAISSegmentLogic, "dependencies_present", lambda self: False)
+    monkeypatch.setattr(module.MAISSegmentTest, "delayDisplay", lambda self, message, *a: None)
+    outcome = unittest.TextTestRunner(verbosity=0).run(unittest.TestSuite([module.MAISSegmentTest("runTest")]))
+    assert len(outcome.skipped) == 1 and "PyTorch is not installed" in outcome.skipped[0][1]
+    assert outcome.testsRun == 1 and not outcome.failures and not outcome.errors
+
+
 @pytest.mark.slow
 def test_the_in_slicer_test_case_passes_headless(mrml, module):
     """MAISSegmentTest (what Slicer runs: ctest / Reload and Test) on slicer-core."""
