@@ -6,6 +6,15 @@
 # 8e-4 (fresh), Dice loss of the decoder on its 32^3 logits (--loss-size 32), of the head at 128^3.
 # Resumable: run it again with the same PILOT and it continues from runs/pilot-$PILOT/last.pth.
 #   PILOT=fullres nohup bash scripts/train_fullres_pilot.sh --steps 300 > runs/pilot-fullres.log 2>&1 &
+# Measured (stop 14, 2-core CPU; test split, 87 targets, `mais evaluate --methods mais --clicks 1,5,10,20`, center
+# robot, seed 0): Dice@1/5/10/20
+#   built-in model (start)      0.344 0.478 0.507 0.524
+#   control, 300 steps          0.345 0.515 0.533 0.542
+#   fullres, 300 steps          0.342 0.523 0.547 0.564   (+0.022 over the control at 20 clicks)
+# At 160 steps (same schedule): control 0.344/0.504/0.528, fullres 0.355/0.517/0.548 (Dice@1/5/10); bone/cartilage
+# (23 targets, mostly ribs and vertebrae) 0.399 -> 0.449 at 10 clicks. Paired training Dice (same samples) did not
+# differ (+0.00 +- 0.01): the head's gain is in the boundary voxels the 32^3 grid cannot place. The head costs 4.5 s
+# per step against 2 s (0.44 vs 1.1 episodes/s, warm cache), and 0.079 s per click in the evaluation against 0.025.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PILOT="${PILOT:-fullres}"
