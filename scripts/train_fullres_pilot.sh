@@ -2,6 +2,8 @@
 # Pilot runs of the full-resolution mask path (issue 12), on CPU, side by side from the built-in model:
 #   PILOT=fullres  adds a fresh full-resolution head (--fullres) and fine-tunes it with the decoder and memory
 #   PILOT=control  the same fine-tuning without the head (separates the head's effect from the extra training)
+#   PILOT=synthetic  as fullres, plus 30% of the episodes on synthetic targets grown from the images and CT crops
+#                    clipped to a random soft-tissue window 30% of the time (unseen anatomy, clipped CT)
 # Encoder frozen (finetune mode: no encoder backward, ~2x cheaper on a CPU), decoder/memory at 8e-5, the head at
 # 8e-4 (fresh), Dice loss of the decoder on its 32^3 logits (--loss-size 32), of the head at 128^3.
 # Resumable: run it again with the same PILOT and it continues from runs/pilot-$PILOT/last.pth.
@@ -22,6 +24,7 @@ OUT="runs/pilot-$PILOT"
 export MAIS_CACHE_DIR="${MAIS_CACHE_DIR:-$PWD/runs/cache}"
 EXTRA=()
 [ "$PILOT" = fullres ] && EXTRA=(--fullres)
+[ "$PILOT" = synthetic ] && EXTRA=(--fullres --synthetic-fraction 0.3 --ct-window-prob 0.3)
 RESUME=()
 [ -f "$OUT/last.pth" ] && RESUME=(--resume)
 .venv/bin/mais finetune --manifest ../shared/data/manifest.json --split train \
