@@ -13,6 +13,8 @@
 #   built-in model (start)      0.344 0.478 0.507 0.524
 #   control, 300 steps          0.345 0.515 0.533 0.542
 #   fullres, 300 steps          0.342 0.523 0.547 0.564   (+0.022 over the control at 20 clicks)
+#   synthetic, 300 steps        0.324 0.515 0.545 0.554   (bones 0.475 vs 0.451 at 20 clicks, TotalSegmentator 0.539
+#                               vs 0.559: not better overall after 300 steps; 30% of the episodes leave the labels)
 # At 160 steps (same schedule): control 0.344/0.504/0.528, fullres 0.355/0.517/0.548 (Dice@1/5/10); bone/cartilage
 # (23 targets, mostly ribs and vertebrae) 0.399 -> 0.449 at 10 clicks. Paired training Dice (same samples) did not
 # differ (+0.00 +- 0.01): the head's gain is in the boundary voxels the 32^3 grid cannot place. The head costs 4.5 s
