@@ -303,21 +303,30 @@ def _read_union(segmentation: Any, segment_ids: Sequence[str], grid: _Grid, box:
     return out
 
 
-def count_segment_voxels(segmentation_node: Any, segment_id: str, reference_volume_node: Any) -> int:
-    """Voxels of the segment on the reference grid, counted over its layer's extent only (no full-grid array)."""
+def read_segment_extent(segmentation_node: Any, segment_id: str, reference_volume_node: Any) -> tuple[Box, np.ndarray]:
+    """``(box, mask)``: the segment's voxels on the reference grid, read over its layer's extent only (no full-grid
+    array when the layer lies on the grid's lattice): ``mask`` is bool ``box.shape_kji``, False outside ``box``."""
     segmentation = _segmentation(segmentation_node)
     segment = _segment(segmentation, segment_id, segmentation_node)
     grid = _reference_grid(segmentation_node, reference_volume_node)
     layer = segment.GetRepresentation(_labelmap_name())
+    nothing = (Box.nothing(), np.zeros((0, 0, 0), dtype=bool))
     if layer is None or _extent_empty(layer.GetExtent()) or layer.GetPointData().GetScalars() is None:
-        return 0
+        return nothing
     offset = _lattice_offset(layer, grid)
     if offset is None:
-        return int(np.count_nonzero(_read(segmentation, segment_id, grid, grid.box)))
-    region = _region(layer, offset, grid.box)
-    if region is None:
-        return 0
-    return int(np.count_nonzero(_image_array(layer)[region[0]] == segment.GetLabelValue()))
+        return grid.box, _read(segmentation, segment_id, grid, grid.box)
+    ext = np.asarray(layer.GetExtent()).reshape(3, 2)
+    box = Box(tuple(int(x) for x in ext[:, 0] + offset), tuple(int(x) for x in ext[:, 1] + 1 + offset))
+    box = box.intersect(grid.box)
+    if box.empty:
+        return nothing
+    return box, _read(segmentation, segment_id, grid, box)
+
+
+def count_segment_voxels(segmentation_node: Any, segment_id: str, reference_volume_node: Any) -> int:
+    """Voxels of the segment on the reference grid, counted over its layer's extent only (no full-grid array)."""
+    return int(np.count_nonzero(read_segment_extent(segmentation_node, segment_id, reference_volume_node)[1]))
 
 
 def read_segment(segmentation_node: Any, segment_id: str, reference_volume_node: Any) -> np.ndarray:

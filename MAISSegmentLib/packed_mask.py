@@ -47,13 +47,6 @@ class PackedMask:
     def any(self) -> bool:
         return self._count > 0
 
-    def count(self) -> int:
-        return self._count
-
-    def to_array(self) -> np.ndarray:
-        """The full bool array (KJI)."""
-        return np.unpackbits(self._bits, axis=-1, count=self.shape[2]).astype(bool)
-
     def equals(self, other: Any) -> bool:
         """Whether ``other`` (a PackedMask or an array of the same shape) holds the same voxels."""
         if other is None:
@@ -61,7 +54,3 @@ class PackedMask:
         if not isinstance(other, PackedMask):
             other = PackedMask(other)
         return self.shape == other.shape and np.array_equal(self._bits, other._bits)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self._bits.nbytes)

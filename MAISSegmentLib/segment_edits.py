@@ -86,10 +86,6 @@ class BoxedMask:
         """Number of True voxels."""
         return int(np.count_nonzero(self.data))
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.nbytes)
-
     def _covers(self, box: Box) -> bool:
         return not self.box.empty and box.intersect(self.box) == box
 
@@ -163,10 +159,6 @@ class SegmentEdits:
         self.edited = BoxedMask(self.shape_kji)
         return box
 
-    def edited_count(self, box: Box | None = None) -> int:
-        """Voxels currently kept as the user's edits (inside ``box`` when given)."""
-        return self.edited.count() if box is None else int(np.count_nonzero(self.edited.read(box)))
-
-    @property
-    def nbytes(self) -> int:
-        return self.edited.nbytes + (self.written.nbytes if self.written is not None else 0)
+    def edited_count(self) -> int:
+        """Voxels currently kept as the user's edits."""
+        return self.edited.count()

@@ -33,12 +33,14 @@ class EditsMixin:
     def _adopt_segment(self, target: _Target) -> None:
         """Take the segment's current content as MAISSegment's own (the user agreed to replace it)."""
         add_library_path()
-        from MAISSegmentLib.mrml_volumes import read_segment
+        from MAISSegmentLib.mrml_volumes import read_segment_extent
         from MAISSegmentLib.segment_edits import BoxedMask
 
         segmentation, volume = self._nodes(target)
-        current = read_segment(segmentation, target.segment_id, volume)
-        self._edits(target).set_baseline(BoxedMask.from_dense(current))
+        box, current = read_segment_extent(segmentation, target.segment_id, volume)  # its extent only, not the volume
+        baseline = BoxedMask(tuple(target.session.mask.shape))
+        baseline.write(box, current)
+        self._edits(target).set_baseline(baseline)
 
     def allow_rewrite(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> None:
         """The user agreed (after :class:`RewriteNeeded`): the next update replays the segment's points with the model

@@ -44,10 +44,6 @@ class FullResFeatures:
     mid: torch.Tensor
     hi: torch.Tensor
 
-    @property
-    def nbytes(self) -> int:
-        return self.mid.numel() * self.mid.element_size() + self.hi.numel() * self.hi.element_size()
-
 
 class FullResHead(nn.Module):
     """ROI-resolution mask logits from once-per-ROI image features, the decoder's output and the clicks.
