@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
-import shutil
-import subprocess
-from pathlib import Path
-
-import pytest
 
 from conftest import TESTING, TINY
 from MAISSegmentLib.seg_nrrd import read_segmentation
@@ -43,34 +37,3 @@ def test_demo_errors(tmp_path):
         "demo", "--checkpoint", str(TINY / "ref_tiny.pth"), "--structure", "heart_of_gold", "--out", str(tmp_path)
     )
     assert proc.returncode == 2 and "choose one of" in proc.stderr and "liver" in proc.stderr
-
-
-# Stand-in for CTK's macro: prints what the extension would install beside MAISSegmentLib.
-_FAKE_CTK_MACRO = """
-function(ctkMacroCompilePythonScript)
-  cmake_parse_arguments(A "NO_INSTALL_SUBDIR" "TARGET_NAME;DESTINATION_DIR;INSTALL_DIR" "SCRIPTS;RESOURCES" ${ARGN})
-  foreach(resource ${A_RESOURCES})
-    message(STATUS "RESOURCE ${resource}")
-  endforeach()
-endfunction()
-"""
-
-
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
-def test_slicer_extension_installs_the_sample_case(tmp_path: Path) -> None:
-    """The top-level CMakeLists.txt's MAISSegmentLib rules, run by ``cmake -P`` with a stand-in for CTK's macro,
-    list every file of Resources/sample/ (the demo's case) among the installed resources, beside models.json."""
-    top = (ROOT / "CMakeLists.txt").read_text()
-    start = top.index("file(GLOB_RECURSE MAISSegmentLib_PYTHON_SCRIPTS")
-    call = re.compile(r"ctkMacroCompilePythonScript\(.*?\)\n", re.S).search(top, start)
-    assert call, "no ctkMacroCompilePythonScript(...) after the MAISSegmentLib globs"
-    rules = top[start : call.end()].replace("CONFIGURE_DEPENDS", "")  # only for re-configuring; not in script mode
-    script = tmp_path / "resources.cmake"
-    script.write_text(_FAKE_CTK_MACRO + rules)
-    proc = subprocess.run(["cmake", "-P", str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    installed = set(re.findall(r"RESOURCE (\S+)", proc.stdout + proc.stderr))
-    sample = {f"Resources/sample/{p.name}" for p in SAMPLE.iterdir() if p.is_file()}
-    assert {"Resources/sample/manifest.json", "Resources/sample/ct_abdomen_img.nii.gz"} <= sample
-    assert sample <= installed and "Resources/models.json" in installed
-    assert all((ROOT / r).is_file() for r in installed)

@@ -1,12 +1,17 @@
 """What MAISSegment needs installed, checked at first use and installed with the user's consent (no Qt).
 
-PyTorch comes the way the PyTorch extension installs it (light-the-torch with ``PyTorchUtils``' arguments, the CUDA or
-CPU build that fits the machine), but run by a background process of Slicer's Python (:class:`BackgroundCommands`) so
-that Slicer does not freeze; the other packages of ``Resources/requirements.txt`` come from
-``slicer.packaging.pip_ensure``. :class:`DependencyPlan` is what is missing (the confirmation text lists it);
-:class:`DependenciesMixin` gives the logic ``dependency_plan`` / ``start_dependency_install`` (widget) and
-``ensure_dependencies`` (synchronous; scripts). :func:`add_library_path` makes ``MAISSegmentLib`` importable from a
-source checkout. Nothing here imports torch or MAISSegmentLib at module level.
+PyTorch comes the way the PyTorch extension installs it: ``PyTorchUtils`` installs light-the-torch (Slicer's fork,
+which knows the current CUDA versions) and gives the arguments (``_getPipInstallArguments``); MAISSegment runs that
+light-the-torch command in a background process of Slicer's Python (:class:`BackgroundCommands`) so that Slicer does
+not freeze for the minutes the download takes. When the extension lacks those helpers, its public
+``installTorch`` does the same on the main thread. The other packages are those of the module's
+``Resources/requirements.txt`` (``MAISSegment/Resources/requirements.txt``), read with
+``slicer.packaging.load_requirements``, checked with ``pip_check`` and installed with ``pip_ensure`` (older Slicer:
+the same done here, then ``slicer.util.pip_install``). :class:`DependencyPlan` is what is missing (the confirmation
+text lists it); :class:`DependenciesMixin` gives the logic ``dependency_plan`` / ``start_dependency_install``
+(widget) and ``ensure_dependencies`` (synchronous; scripts). Installs happen only on Slicer's main thread.
+:func:`add_library_path` makes ``MAISSegmentLib`` importable from a source checkout. Nothing here imports torch or
+MAISSegmentLib at module level.
 """
 
 import collections
@@ -126,13 +131,16 @@ class BackgroundCommands:
             self._finished.set()
 
 
+TORCH_INSTALL_EXTRA = ("torchvision",)  # what PyTorchUtils installs beside torch (used only without its helper)
+
+
 @dataclass
 class DependencyPlan:
     """What :meth:`MAISSegmentLogic.dependency_plan` found missing, and how it will be installed.
 
-    ``torch_commands``: the commands that install PyTorch (empty when it is installed): light-the-torch with the
-    PyTorch extension's arguments, run by Slicer's Python in a background process. ``packages``: the lines of
-    ``Resources/requirements.txt`` that are not satisfied (installed afterwards with ``pip_ensure``).
+    ``torch_commands``: the commands that install PyTorch (empty when it is installed): Slicer's Python running
+    light-the-torch with the PyTorch extension's arguments, in a background process. ``packages``: the lines of the
+    module's ``Resources/requirements.txt`` that are not satisfied (installed afterwards with ``pip_ensure``).
     """
 
     torch_commands: list[list[str]] = field(default_factory=list)
@@ -150,8 +158,8 @@ class DependencyPlan:
             lines.append(
                 "• "
                 + _(
-                    "PyTorch ({requirement}): the CUDA or CPU build that fits this computer, chosen by "
-                    "light-the-torch (1-3 GB; several minutes; Slicer stays usable meanwhile)"
+                    "PyTorch ({requirement}): the CUDA or CPU build that fits this computer, chosen by the PyTorch "
+                    "extension (light-the-torch; 1-3 GB; several minutes; Slicer stays usable meanwhile)"
                 ).format(requirement=self.torch_requirement)
             )
         lines += [f"• {p}" for p in self.packages]
@@ -176,6 +184,26 @@ def _pytorch_utils() -> Any:
     return PyTorchUtils
 
 
+def torch_requirement() -> str:
+    """The version requirement MAISSegment passes to the PyTorch extension (``>=2.5``)."""
+    return f">={MIN_TORCH_VERSION}"
+
+
+def pytorch_utils_install_arguments(logic_class: Any) -> list[str] | None:
+    """The light-the-torch arguments the PyTorch extension would use (``install torch>=2.5 torchvision ...``, with its
+    platform pins), from its ``PyTorchUtilsLogic._getPipInstallArguments``; None when this version of the extension
+    has no such helper or it fails (then :meth:`DependenciesMixin.start_dependency_install` uses ``installTorch``)."""
+    build = getattr(logic_class, "_getPipInstallArguments", None)
+    if build is None:
+        return None
+    try:
+        arguments = list(build(torchVersionRequirement=torch_requirement()))
+    except Exception:  # another version of the extension: its public installTorch is used instead
+        logging.exception("MAISSegment: PyTorchUtils._getPipInstallArguments failed")
+        return None
+    return arguments or None
+
+
 def slicer_python() -> str:
     """The Python interpreter that installs into this Slicer (``PythonSlicer``), else this process's Python."""
     import shutil
@@ -183,8 +211,24 @@ def slicer_python() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
+def _slicer_packaging() -> Any:
+    """``slicer.packaging`` (Slicer 5.10+: ``load_requirements``, ``pip_check``, ``pip_ensure``), or None."""
+    packaging = getattr(slicer, "packaging", None)
+    if packaging is None:
+        try:
+            import slicer.packaging as packaging
+        except ImportError:
+            return None
+    return packaging
+
+
 def read_requirements(path: str) -> list[str]:
-    """Requirement lines of a requirements file (comments, blank lines and pip options skipped)."""
+    """Requirement lines of a requirements file (comments, blank lines and pip options skipped), through
+    ``slicer.packaging.load_requirements`` when Slicer has it."""
+    packaging = _slicer_packaging()
+    load = getattr(packaging, "load_requirements", None)
+    if load is not None:
+        return [str(requirement) for requirement in load(path)]
     lines = []
     with open(path, encoding="utf-8") as fh:
         for raw in fh:
@@ -199,7 +243,11 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def missing_requirements(requirements: Sequence[str]) -> list[str]:
-    """The requirements (PEP 508 strings) that are not installed at an acceptable version in this Python."""
+    """The requirements (PEP 508 strings) that are not installed at an acceptable version in this Python
+    (``slicer.packaging.pip_check`` when Slicer has it: it also follows extras)."""
+    check = getattr(_slicer_packaging(), "pip_check", None)
+    if check is not None:
+        return [text for text in requirements if not check(text)]
     from importlib import metadata
 
     try:
@@ -235,13 +283,19 @@ def add_library_path() -> None:
             return
 
 
+def _on_main_thread_in_slicer() -> bool:
+    """Inside the Slicer application and on its main thread: the only place where anything is installed (installing
+    asks first, in dialogs; Qt widgets outside the main thread crash Slicer)."""
+    return getattr(slicer, "app", None) is not None and threading.current_thread() is threading.main_thread()
+
+
 class DependenciesMixin:
     """The logic's dependency checks and installs (see the module docstring)."""
 
     @property
     def requirements_file(self) -> str | None:
-        """The requirements file checked by :meth:`ensure_dependencies` (None: ``Resources/requirements.txt``);
-        setting it makes the next call check again."""
+        """The requirements file checked by :meth:`ensure_dependencies` (None: the module's
+        ``Resources/requirements.txt``); setting it makes the next call check again."""
         return self._requirements_file
 
     @requirements_file.setter
@@ -250,17 +304,14 @@ class DependenciesMixin:
         self._dependencies_ok = False
 
     def requirements_path(self) -> str | None:
-        """``Resources/requirements.txt``: beside this file once installed, at the repository root in a checkout."""
+        """The module's ``Resources/requirements.txt`` (beside ``MAISSegment.py``, in a checkout as once installed)."""
         if self.requirements_file:
             return self.requirements_file
-        for folder in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
-            path = os.path.join(folder, "Resources", "requirements.txt")
-            if os.path.isfile(path):
-                return path
-        return None
+        path = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
+        return path if os.path.isfile(path) else None
 
     def missing_requirements(self) -> list[str]:
-        """The packages of ``Resources/requirements.txt`` that this Python lacks (torch is handled separately)."""
+        """The packages of the requirements file that this Python lacks (torch is handled separately)."""
         path = self.requirements_path()
         return missing_requirements(read_requirements(path)) if path else []
 
@@ -270,23 +321,21 @@ class DependenciesMixin:
         return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("MAISSegmentLib") is not None
 
     def ensure_dependencies(self, confirm: Callable[[list[str]], bool] | None = None) -> None:
-        """Make torch and the packages of ``Resources/requirements.txt`` available; nothing is imported before.
+        """Make torch and the packages of the requirements file available; nothing is imported before.
 
         Inside Slicer, on the main thread (it may show dialogs), torch comes from the PyTorch extension
-        (``PyTorchUtils`` chooses the CUDA or CPU build for the machine, asking first) and missing packages are
-        listed to the user (``confirm(packages) -> bool``; default: a dialog) before ``slicer.packaging.pip_ensure``
-        (Slicer ≥ 5.12; ``slicer.util.pip_install`` before) installs them. Outside Slicer, and on any other thread,
-        nothing is installed: a missing package is
-        an error naming it.
+        (``PyTorchUtilsLogic.installTorch`` chooses the CUDA or CPU build for the machine, asking first) and missing
+        packages are listed to the user (``confirm(packages) -> bool``; default: a dialog) before
+        ``slicer.packaging.pip_ensure`` (``slicer.util.pip_install`` in older Slicer) installs them. Outside Slicer,
+        and on any other thread, nothing is installed: a missing package is an error naming it.
 
         Raises:
             MAISSegmentError: a dependency is missing and was not installed (the message says what to do).
         """
         if self._dependencies_ok:
             return
-        # Only the main thread may install (installing asks first, in dialogs): on the worker thread a missing
-        # dependency is an error naming it, never a dialog (Qt widgets outside the main thread crash Slicer).
-        in_slicer = getattr(slicer, "app", None) is not None and threading.current_thread() is threading.main_thread()
+        # Only the main thread may install: on the worker thread a missing dependency is an error naming it.
+        in_slicer = _on_main_thread_in_slicer()
         self._ensure_torch(in_slicer)
         missing = self.missing_requirements()
         if missing:
@@ -322,8 +371,7 @@ class DependenciesMixin:
     @staticmethod
     def _pip_install(packages: list[str]) -> None:
         """Install through ``slicer.packaging.pip_ensure`` (the user was asked already), else ``slicer.util``."""
-        packaging = getattr(slicer, "packaging", None)
-        ensure = getattr(packaging, "pip_ensure", None)
+        ensure = getattr(_slicer_packaging(), "pip_ensure", None)
         if ensure is not None:
             wanted = {"prompt_install": False, "requester": MODULE_NAME}
             try:
@@ -340,10 +388,7 @@ class DependenciesMixin:
             torch_logic = _pytorch_utils().PyTorchUtilsLogic()
             if not torch_logic.torchInstalled():
                 logging.info("MAISSegment: PyTorch is required; installing it (this may take several minutes)")
-                if (
-                    torch_logic.installTorch(askConfirmation=True, torchVersionRequirement=f">={MIN_TORCH_VERSION}")
-                    is None
-                ):
+                if torch_logic.installTorch(askConfirmation=True, torchVersionRequirement=torch_requirement()) is None:
                     raise MAISSegmentError(_("PyTorch was not installed; MAISSegment cannot run without it."))
             version = torch_logic.torch.__version__
         else:
@@ -371,41 +416,64 @@ class DependenciesMixin:
             return DependencyPlan()
         plan = DependencyPlan(packages=self.missing_requirements())
         if importlib.util.find_spec("torch") is None:
-            plan.torch_requirement = f"torch>={MIN_TORCH_VERSION}"
+            plan.torch_requirement = "torch" + torch_requirement()
             if getattr(slicer, "app", None) is not None:
                 plan.torch_commands = self.torch_install_commands()
         return plan
 
     @staticmethod
     def torch_install_commands() -> list[list[str]]:
-        """The commands that install PyTorch the way the PyTorch extension does, for a background process.
+        """The command that installs PyTorch the way the PyTorch extension does, for a background process.
 
-        ``PyTorchUtilsLogic.installTorch`` runs light-the-torch (which picks the CUDA build that fits the NVIDIA
-        driver, else the CPU build) on the main thread, which freezes Slicer for minutes. The same installation is run
-        here as two commands of Slicer's Python (``PythonSlicer``): ``pip install light-the-torch``, then
-        ``light_the_torch install`` with the arguments PyTorchUtils builds (its ``_getPipInstallArguments``, when it
-        has one), so the result is the one the extension would give.
+        ``PyTorchUtilsLogic.installTorch`` runs light-the-torch on the main thread, which freezes Slicer for minutes
+        with no output. The same installation is run here by Slicer's Python (``PythonSlicer -m light_the_torch``)
+        with the arguments PyTorchUtils builds (``_getPipInstallArguments``: torch, torchvision and its platform
+        pins); light-the-torch itself (Slicer's fork) is installed by PyTorchUtils first, in
+        :meth:`start_dependency_install`. Without that helper the command shows the plain arguments, and
+        :meth:`start_dependency_install` lets ``installTorch`` do the work.
         """
-        requirement = f">={MIN_TORCH_VERSION}"
-        arguments = None
-        build = getattr(_pytorch_utils().PyTorchUtilsLogic, "_getPipInstallArguments", None)
-        if build is not None:
-            try:
-                arguments = list(build(None, requirement))
-            except Exception:  # another version of the extension: use the plain form
-                logging.exception("MAISSegment: PyTorchUtils._getPipInstallArguments failed")
-        if not arguments:
-            arguments = ["install", "torch" + requirement]
-        python = slicer_python()
-        return [
-            [python, "-m", "pip", "install", "--disable-pip-version-check", "light-the-torch>=0.5"],
-            [python, "-m", "light_the_torch", *arguments],
-        ]
+        arguments = pytorch_utils_install_arguments(_pytorch_utils().PyTorchUtilsLogic)
+        if arguments is None:
+            arguments = ["install", "torch" + torch_requirement(), *TORCH_INSTALL_EXTRA]
+        return [[slicer_python(), "-m", "light_the_torch", *arguments]]
 
     def start_dependency_install(self, plan: DependencyPlan) -> BackgroundCommands:
-        """Start installing PyTorch in the background (the user has confirmed ``plan.describe()``).
+        """Start installing PyTorch in the background (the user has confirmed ``plan.describe()``); main thread.
 
-        When it has finished without error, call :meth:`ensure_dependencies` with ``confirm=lambda packages: True``
-        on the main thread: it finds torch and installs ``plan.packages`` with ``pip_ensure``.
+        light-the-torch (Slicer's fork) is installed first, by the PyTorch extension
+        (``PyTorchUtilsLogic._installLightTheTorch``, a small package, on the main thread as the extension does),
+        unless it is there already; then ``plan.torch_commands`` run in a background process. When this version of the
+        extension lacks those helpers, its public ``installTorch`` installs PyTorch right away (Slicer waits) and the
+        returned run has already finished (``error`` says whether it worked).
+
+        When the run has finished without error, call :meth:`ensure_dependencies` with
+        ``confirm=lambda packages: True`` on the main thread: it finds torch and installs ``plan.packages`` with
+        ``pip_ensure``.
+
+        Raises:
+            MAISSegmentError: not on Slicer's main thread, or the PyTorch extension is missing.
         """
+        if not _on_main_thread_in_slicer():
+            raise MAISSegmentError(_("PyTorch can only be installed from Slicer's main thread."))
+        logic_class = _pytorch_utils().PyTorchUtilsLogic
+        install_ltt = getattr(logic_class, "_installLightTheTorch", None)
+        if pytorch_utils_install_arguments(logic_class) is None or install_ltt is None:
+            return self._install_torch_now(logic_class)
+        if importlib.util.find_spec("light_the_torch") is None:
+            logging.info("MAISSegment: installing light-the-torch through the PyTorch extension")
+            install_ltt()
+            importlib.invalidate_caches()
         return BackgroundCommands(plan.torch_commands).start()
+
+    @staticmethod
+    def _install_torch_now(logic_class: Any) -> BackgroundCommands:
+        """The PyTorch extension's public ``installTorch`` (blocking), wrapped as an already finished run."""
+        run = BackgroundCommands([])
+        try:
+            torch = logic_class().installTorch(askConfirmation=False, torchVersionRequirement=torch_requirement())
+        except Exception as exc:  # plain text: the widget shows it with its own translated sentence
+            torch, run.error = None, f"PyTorchUtils.installTorch failed: {exc}"
+        run.start().wait()
+        if torch is None and run.error is None:
+            run.error = "PyTorchUtils.installTorch did not install PyTorch"
+        return run
