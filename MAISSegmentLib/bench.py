@@ -13,7 +13,10 @@ Measured in one run, so ratios compare like with like:
   (``first_click_seconds``, ``click_to_mask_seconds``, ``click_to_mask_breakdown``);
 * with a full-resolution head (e.g. ``--preset mais-small-fr``): its once-per-ROI features
   (``fullres_features_seconds``) and the per-click seconds with the head (128^3 logits) against the same clicks
-  without it (32^3 logits upsampled) -> ``fullres_overhead``; the session figures then include the head;
+  without it (32^3 logits upsampled) -> ``fullres_overhead``, and with the head with and without memory ->
+  ``memory_overhead_fullres``; the session figures then include the head;
+* ``--precision``: the inference precision (``auto`` picks bfloat16 where it is faster, as the CLI and Slicer do;
+  run ``--precision float32`` beside it for the comparison);
 * peak resident memory of the process (and peak CUDA memory on a GPU).
 """
 
@@ -182,13 +185,18 @@ def run_bench(
     memory_size: int = 60,
     log: Callable[[str], None] = print,
     with_ct: bool = True,
+    precision: str = "auto",
 ) -> dict[str, Any]:
-    """Measure and return the figures (see module docstring). Keys are stable: tools read them."""
+    """Measure and return the figures (see module docstring). Keys are stable: tools read them.
+
+    ``precision``: the network's inference precision (:mod:`MAISSegmentLib.precision`; ``auto`` as the CLI and
+    Slicer use it), recorded as ``inference_dtype``.
+    """
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     torch.manual_seed(0)
-    model = build_model(preset, device=dev)
+    model = build_model(preset, device=dev, precision=precision)
     size = model.cfg.image_encoder.img_size
     image = torch.randn(1, 1, size, size, size, device=dev)
     res: dict[str, Any] = {
@@ -197,6 +205,7 @@ def run_bench(
         if dev.type == "cuda"
         else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "inference_dtype": str(model.inference_dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "preset": preset,
     }
@@ -234,8 +243,11 @@ def run_bench(
             t_full = time_clicks(
                 model, embedding, points, labels, model.new_memory_bank(capacity=memory_size), warm, features
             )
+            t_full_none = time_clicks(model, embedding, points, labels, None, warm, features)
             res["click_seconds_fullres"] = statistics.median(t_full)
+            res["click_seconds_fullres_no_memory"] = statistics.median(t_full_none)
             res["fullres_overhead"] = res["click_seconds_fullres"] / res["click_seconds_memory"]
+            res["memory_overhead_fullres"] = res["click_seconds_fullres"] / res["click_seconds_fullres_no_memory"]
         if with_ct:
             res.update(run_click_to_mask(model, log=log))
     res["peak_rss_mb"] = peak_rss_mb()
@@ -248,6 +260,7 @@ def format_table(res: dict[str, Any]) -> str:
     """Human-readable table of :func:`run_bench` results."""
     rows = [
         ("device", f"{res['device']} ({res['device_name']}), {res['threads']} threads, torch {res['torch']}"),
+        ("inference precision", res.get("inference_dtype", "float32")),
         ("preset", res["preset"]),
         ("encoder, exact speed-up", f"{res['encoder_seconds']:.3f} s"),
         ("encoder, padded reference", f"{res['encoder_reference_seconds']:.3f} s"),
@@ -261,7 +274,9 @@ def format_table(res: dict[str, Any]) -> str:
         rows[-1:-1] = [
             ("full-resolution features (per ROI)", f"{res['fullres_features_seconds'] * 1000:.0f} ms"),
             ("click, memory + full-resolution head", f"{res['click_seconds_fullres'] * 1000:.1f} ms"),
+            ("click, no memory + full-resolution head", f"{res['click_seconds_fullres_no_memory'] * 1000:.1f} ms"),
             ("full-resolution overhead", f"{res['fullres_overhead']:.2f}x"),
+            ("memory overhead with the head", f"{res['memory_overhead_fullres']:.2f}x"),
         ]
     if "first_click_seconds" in res:
         b = res["click_to_mask_breakdown"]

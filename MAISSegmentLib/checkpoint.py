@@ -52,6 +52,7 @@ from .model.config import (
 from .model.fullres_head import FULLRES_PREFIX, FullResHead
 from .model.mais import MEMORY_PREFIX, MAISModel
 from .model.memory_attention import MemoryAttention
+from .precision import check_precision, set_inference_precision
 from .quantize import dequantise_state_dict, quantise_state_dict
 from .sysinfo import available_memory_bytes
 
@@ -567,6 +568,7 @@ def build_model(
     checkpoint: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     trusted: bool = False,
+    precision: str = "float32",
 ) -> MAISModel:
     """Build the network, optionally loading weights strictly. The model is returned in eval mode.
 
@@ -576,6 +578,8 @@ def build_model(
         checkpoint: a SAM-Med3D or MAISSegment checkpoint file; None leaves random weights.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
         trusted: allow unsafe unpickling of this file (see :func:`read_checkpoint`).
+        precision: inference precision, ``"float32"``, ``"bfloat16"`` or ``"auto"`` (bfloat16 where it is faster;
+            :mod:`MAISSegmentLib.precision`); training is not affected.
 
     Returns:
         :class:`MAISModel` with ``model.load_report`` (:class:`LoadReport`).
@@ -584,6 +588,7 @@ def build_model(
         ConfigError: unknown preset or device. CheckpointError: the file cannot be loaded (nothing is).
     """
     dev = resolve_device(device)
+    check_precision(precision)
     cfg = get_preset(preset) if isinstance(preset, str) else preset
     if checkpoint is None:
         if cfg is None:
@@ -594,7 +599,9 @@ def build_model(
             memory_attention="fresh" if model.has_memory else "absent",
             fullres_head="fresh" if model.has_fullres else "absent",
         )
-        return model.to(dev).eval()
+        model = model.to(dev).eval()
+        set_inference_precision(model, precision)
+        return model
 
     source, sd, meta = load_checkpoint(checkpoint, trusted=trusted)
     report = LoadReport(source, path=str(checkpoint))
@@ -647,7 +654,9 @@ def build_model(
     check_state_dict(expected, sd)
     model.load_state_dict(sd, strict=False)  # every key and shape was checked above
     model.load_report = report
-    return model.to(dev).eval()
+    model = model.to(dev).eval()
+    set_inference_precision(model, precision)
+    return model
 
 
 def _build_network(cfg: ModelConfig, where: str) -> MAISModel:

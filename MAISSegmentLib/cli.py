@@ -24,6 +24,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="sam-med3d-vit-b", choices=sorted(PRESETS), help="network size to time")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_precision(p)
     p.add_argument("--repeats", type=int, default=3, help="encoder runs per variant (median; >= 3)")
     p.add_argument("--clicks", type=int, default=20, help="timed clicks per variant (median; >= 20)")
     p.add_argument("--memory-size", type=int, default=60, help="memory bank capacity N, filled before timing")
@@ -46,6 +47,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.memory_size,
         log=lambda s: print(s, file=sys.stderr),
         with_ct=not args.no_ct,
+        precision=args.precision,
     )
     print(format_table(res))
     if args.json:
@@ -79,6 +81,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     _add_model_choice(p, "model weights: a MAISSegment or SAM-Med3D checkpoint")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unsafe unpickling of this checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _add_precision(p)
     p.add_argument("--out", required=True, help="output .seg.nrrd (or .nii.gz / .nrrd label map)")
     p.add_argument("--label-name", default="Segment_1", help="segment name written to the .seg.nrrd")
     p.add_argument("--no-memory", action="store_true", help="switch the MAIS memory off (no-memory baseline)")
@@ -126,7 +129,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             f"{MAX_CLICKS} (each click is replayed on every update): keep the points that matter"
         )
     volume = read_volume(args.image)
-    model = build_model(None, checkpoint=checkpoint, device=args.device, trusted=args.trust_checkpoint)
+    model = build_model(
+        None, checkpoint=checkpoint, device=args.device, trusted=args.trust_checkpoint, precision=args.precision
+    )
     print(f"model: {model.load_report.summary()}", file=sys.stderr)
     if state is not None:
         session = InteractiveSession.from_state(model, volume, state, progress=_replay_progress)
@@ -249,6 +254,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-targets", type=int, default=None, help="evaluate at most N targets (evenly spread)")
     p.add_argument("--memory-size", type=int, default=60, help="memory bank capacity N")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _add_precision(p)
     p.add_argument("--out", required=True, help="result JSON; the plot is written next to it as .png")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -305,7 +311,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         stride = len(targets) / args.max_targets
         targets = [targets[int(i * stride)] for i in range(args.max_targets)]
     models = {
-        key: build_model(None, checkpoint=path, device=args.device, trusted=args.trust_checkpoint)
+        key: build_model(
+            None, checkpoint=path, device=args.device, trusted=args.trust_checkpoint, precision=args.precision
+        )
         for key, path in checkpoints.items()
     }
     oracles = oracle_methods(names)
@@ -631,6 +639,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     _add_model_choice(p, "model weights (default: the registry's default model)")
     p.add_argument("--structure", default=None, help="structure of the sample case (default: liver)")
     p.add_argument("--clicks", type=int, default=10, help="number of simulated clicks")
+    _add_precision(p)
     p.add_argument("--out", default="mais_demo", help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unsafe unpickling of the checkpoint")
@@ -649,10 +658,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     case = plan.target.case
     inputs = [("--checkpoint", ckpt), ("the sample image", case.image), ("the sample label map", case.label)]
     _check_outputs([("--out", f) for f in plan.files], inputs)
-    model = build_model(None, checkpoint=ckpt, device=args.device, trusted=args.trust_checkpoint)
+    model = build_model(
+        None, checkpoint=ckpt, device=args.device, trusted=args.trust_checkpoint, precision=args.precision
+    )
     print(f"model: {model.load_report.summary()}")
     run_demo(model, args.out, plan.target.name, args.clicks)
     return 0
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    """``--precision``: the network's inference precision (MAISSegmentLib.precision)."""
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="inference precision: auto (bfloat16 where this CPU/GPU runs it faster, measured once), float32 or "
+        "bfloat16 (the MAIS_PRECISION environment variable overrides it)",
+    )
 
 
 def _add_model_choice(p: argparse.ArgumentParser, checkpoint_help: str) -> None:

@@ -291,14 +291,14 @@ def _interp_axis(t: torch.Tensor, axis: int, taps: tuple[torch.Tensor, torch.Ten
     return torch.lerp(t.index_select(axis, i0), t.index_select(axis, i1), f)
 
 
-def _separable_logits(
+_SLAB_VOXELS = 2**20  # output voxels per slab of the separable interpolation (cache-sized: ~4x faster than one pass)
+
+
+def _separable_setup(
     logits: torch.Tensor, roi: Roi, a_mat: np.ndarray, b_vec: np.ndarray, perm: list[int], box: Box, margin: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`roi_logits_on_grid` for axis-aligned images: trilinear interpolation is separable, so the
-    box is filled by three 1-D interpolations instead of per-voxel sampling (~50x faster). For the 32^3 logits these
-    are small matrix products (fastest: 19 ms for an 8 M-voxel box on 2 cores); for finer logits (128^3, the
-    full-resolution head) whose matrices would cost ~128 multiply-adds per output voxel, two gathers per axis.
-    """
+) -> tuple[torch.Tensor, list, list[torch.Tensor]]:
+    """What :func:`_separable_slab` needs: the logits with ROI axes in output order (k, j, i), the 1-D taps (or
+    matrices, for grids up to ``_MATMUL_MAX_LOW``) of each output axis, and the 1-D blending weights of each axis."""
     low = logits.detach().float().cpu()[0, 0]  # (R, A, S)
     n_low = low.shape[0]
     taps, wts = [], []
@@ -306,20 +306,66 @@ def _separable_logits(
         r = perm[d]
         idx = torch.arange(box.lo[d], box.hi[d], dtype=torch.float64)
         a = a_mat[r, d] * idx + b_vec[r]  # ROI position along ROI axis r
-        taps.append(_interp_taps(a, n_low, roi.size))
+        tp = _interp_taps(a, n_low, roi.size)
+        taps.append(_taps_matrix(tp, n_low) if n_low <= _MATMUL_MAX_LOW else tp)
         wts.append(torch.clamp(torch.minimum(a + 0.5, roi.size - 0.5 - a) / margin, 0, 1).float())
-    t = low.permute(perm[2], perm[1], perm[0])  # ROI axes in output order (k, j, i)
-    if n_low <= _MATMUL_MAX_LOW:
-        mats = [_taps_matrix(tp, n_low) for tp in taps]
-        t = torch.tensordot(mats[0], t.contiguous(), dims=([1], [0]))  # (K, n, n)
-        t = torch.matmul(mats[1], t)  # (K, J, n)
-        t = torch.matmul(t, mats[2].T)  # (K, J, I)
-    else:
-        t = _interp_axis(t, 0, taps[0])  # (K, n, n)
-        t = _interp_axis(t, 1, taps[1])  # (K, J, n)
-        t = _interp_axis(t, 2, taps[2])  # (K, J, I)
+    t = low.permute(perm[2], perm[1], perm[0]).contiguous()  # ROI axes in output order (k, j, i)
+    return t, taps, wts
+
+
+def _separable_slab(t: torch.Tensor, taps: list, rows: slice) -> torch.Tensor:
+    """Interpolated logits of output rows ``rows`` (first axis) of the box: ``(len(rows), J, I)``."""
+    if isinstance(taps[0], torch.Tensor):  # matrices
+        s = torch.tensordot(taps[0][rows], t, dims=([1], [0]))  # (k, n, n)
+        s = torch.matmul(taps[1], s)  # (k, J, n)
+        return torch.matmul(s, taps[2].T)  # (k, J, I)
+    s = _interp_axis(t, 0, tuple(x[rows] for x in taps[0]))  # (k, n, n)
+    s = _interp_axis(s, 1, taps[1])  # (k, J, n)
+    return _interp_axis(s, 2, taps[2])  # (k, J, I)
+
+
+def _slabs(box: Box) -> list[slice]:
+    kk, jj, ii = box.shape_kji
+    rows = max(1, _SLAB_VOXELS // max(1, jj * ii))
+    return [slice(k0, min(kk, k0 + rows)) for k0 in range(0, kk, rows)]
+
+
+def _separable_logits(
+    logits: torch.Tensor, roi: Roi, a_mat: np.ndarray, b_vec: np.ndarray, perm: list[int], box: Box, margin: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`roi_logits_on_grid` for axis-aligned images: trilinear interpolation is separable, so the
+    box is filled by three 1-D interpolations instead of per-voxel sampling (~50x faster). For the 32^3 logits these
+    are small matrix products; for finer logits (128^3, the full-resolution head) whose matrices would cost ~128
+    multiply-adds per output voxel, two gathers per axis. Both run slab by slab (``_SLAB_VOXELS`` output voxels), which
+    keeps the intermediate arrays in cache: 4x faster than whole-box passes for a 12 M-voxel box.
+    """
+    t, taps, wts = _separable_setup(logits, roi, a_mat, b_vec, perm, box, margin)
+    values = torch.empty(box.shape_kji)
+    for rows in _slabs(box):
+        values[rows] = _separable_slab(t, taps, rows)
     w = wts[0][:, None, None] * wts[1][None, :, None] * wts[2][None, None, :]
-    return t.contiguous().numpy(), w.numpy()
+    return values.numpy(), w.numpy()
+
+
+def roi_mask_on_grid(logits: torch.Tensor, roi: Roi, volume: Volume, box: Box) -> np.ndarray:
+    """The mask one ROI gives the image voxels in ``box`` on its own: inside the ROI and logit > 0 (bool,
+    ``box.shape_kji``). The same voxels as thresholding :func:`roi_logits_on_grid`, without materialising the float
+    logits and weights: for axis-aligned images each slab is thresholded as soon as it is interpolated."""
+    if box.empty:
+        return np.zeros(box.shape_kji, dtype=bool)
+    a_mat, b_vec = roi.voxel_to_roi_affine(volume)
+    perm = _axis_permutation(a_mat)
+    if perm is None:
+        values, weights = roi_logits_on_grid(logits, roi, volume, box)
+        return (values > 0) & (weights > 0)
+    t, taps, wts = _separable_setup(logits, roi, a_mat, b_vec, perm, box, 1.0)
+    inside_ji = (wts[1] > 0)[:, None] & (wts[2] > 0)[None, :]
+    inside_k = wts[0] > 0
+    mask = torch.empty(box.shape_kji, dtype=torch.bool)
+    for rows in _slabs(box):
+        torch.gt(_separable_slab(t, taps, rows), 0, out=mask[rows])
+        mask[rows] &= inside_k[rows, None, None] & inside_ji
+    return mask.numpy()
 
 
 def positive_roi_range(logits: torch.Tensor, roi: Roi) -> tuple[np.ndarray, np.ndarray] | None:

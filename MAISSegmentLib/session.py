@@ -38,7 +38,7 @@ from .errors import ConfigError, ImageError, PromptError
 from .memory import MemoryBank
 from .model.mais import MAISModel
 from .packed_mask import PackedMask
-from .roi import Box, Roi, positive_roi_range, roi_logits_on_grid, sample_roi
+from .roi import Box, Roi, positive_roi_range, roi_logits_on_grid, roi_mask_on_grid, sample_roi
 from .sysinfo import check_fits_in_memory
 from .volume import Volume, as_point3
 from .weights_identity import weights_sha256
@@ -815,24 +815,26 @@ class InteractiveSession:
         """
         if box.empty:
             return
-        parts = []
+        covering = []
         for st in self._rois:
             if st.prev is None:
                 continue
             sub = box.intersect(st.roi.box_on(self.image))
-            if sub.empty:
-                continue
-            values, weights = roi_logits_on_grid(st.logits, st.roi, self.image, sub, self.options.blend_margin)
-            rel = tuple(slice(s.start - o, s.stop - o) for s, o in zip(sub.slices, (box.lo[2], box.lo[1], box.lo[0])))
-            parts.append((rel, torch.from_numpy(values), torch.from_numpy(weights)))
+            if not sub.empty:
+                covering.append((st, sub))
         mask = torch.zeros(box.shape_kji, dtype=torch.bool)
-        if len(parts) == 1:
-            rel, v, w = parts[0]
-            mask[rel] = (v > 0) & (w > 0)
-        elif parts:
+        origin = (box.lo[2], box.lo[1], box.lo[0])
+        if len(covering) == 1:  # one ROI: "inside it and logit > 0", thresholded slab by slab
+            st, sub = covering[0]
+            rel = tuple(slice(s.start - o, s.stop - o) for s, o in zip(sub.slices, origin))
+            mask[rel] = torch.from_numpy(roi_mask_on_grid(st.logits, st.roi, self.image, sub))
+        elif covering:
             num = torch.zeros(box.shape_kji)
             den = torch.zeros(box.shape_kji)
-            for rel, v, w in parts:
+            for st, sub in covering:
+                values, weights = roi_logits_on_grid(st.logits, st.roi, self.image, sub, self.options.blend_margin)
+                rel = tuple(slice(s.start - o, s.stop - o) for s, o in zip(sub.slices, origin))
+                v, w = torch.from_numpy(values), torch.from_numpy(weights)
                 num[rel] += w * v
                 den[rel] += w
             mask = (den > 0) & (num > 0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import MAISSegmentLib.roi as roi_mod
-from MAISSegmentLib.roi import Box, Roi, image_box, roi_logits_on_grid
+from MAISSegmentLib.roi import Box, Roi, image_box, roi_logits_on_grid, roi_mask_on_grid
 from MAISSegmentLib.volume import Volume
 from test_session import affine, reorient, rotation
 
@@ -31,6 +31,36 @@ def test_separable_path_equals_per_voxel_sampling(monkeypatch, perm, flips):
     fast = roi_logits_on_grid(logits, roi, vol, box)
     slow = general_path(monkeypatch, logits, roi, vol, box)
     assert np.abs(fast[0] - slow[0]).max() < 1e-4 and np.array_equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize("n_low", [32, 128])
+@pytest.mark.parametrize(
+    ("perm", "flips"),
+    [((0, 1, 2), (False, False, False)), ((2, 0, 1), (True, False, True))],
+)
+def test_the_slab_by_slab_mask_is_the_thresholded_logits(monkeypatch, n_low, perm, flips):
+    """``roi_mask_on_grid`` (the session's one-ROI path, thresholded slab by slab) marks exactly the voxels where
+    the interpolated logits are > 0 inside the ROI, whatever the slab size, axis order and flips, and oblique too."""
+    g = torch.Generator().manual_seed(n_low)
+    logits = torch.randn(1, 1, n_low, n_low, n_low, generator=g)
+    vol = reorient(
+        Volume(np.zeros((90, 100, 110), np.float32), affine((0.7, 2.0, 1.3), (-40.0, -80.0, -50.0))), perm, flips
+    )
+    roi = Roi((1.0, 2.0, -3.0), size=64, spacing=1.5)  # smaller than the image: the ROI faces cut the box
+    box = image_box(vol)
+    values, weights = roi_logits_on_grid(logits, roi, vol, box)
+    expected = (values > 0) & (weights > 0)
+    assert 0 < expected.sum() < expected.size
+    monkeypatch.setattr(roi_mod, "_SLAB_VOXELS", 3000)  # many slabs, the last one partial
+    assert np.array_equal(roi_mask_on_grid(logits, roi, vol, box), expected)
+    monkeypatch.setattr(roi_mod, "_SLAB_VOXELS", 2**30)  # one slab
+    assert np.array_equal(roi_mask_on_grid(logits, roi, vol, box), expected)
+    assert roi_mask_on_grid(logits, roi, vol, Box((0, 0, 0), (0, 5, 5))).shape == (5, 5, 0)
+    m = vol.ijk_to_ras.copy()
+    m[:3, :3] = rotation((1, 2, 3), 20) @ m[:3, :3]
+    oblique = Volume(vol.array, m)
+    values, weights = roi_logits_on_grid(logits, roi, oblique, box)
+    assert np.array_equal(roi_mask_on_grid(logits, roi, oblique, box), (values > 0) & (weights > 0))
 
 
 def test_logits_at_roi_voxel_centres_equal_reference_upsampling():

@@ -152,7 +152,9 @@ class ModelsMixin:
 
         try:
             path, label = self._checkpoint_of(choice)
-            model = build_model(None, checkpoint=path, device=choice["device"], trusted=choice["trusted"])
+            model = build_model(
+                None, checkpoint=path, device=choice["device"], trusted=choice["trusted"], precision="auto"
+            )
         except MAISSegmentError:
             self._keep_loaded_model()
             raise

@@ -13,6 +13,7 @@ With the memory off (or ``memory=None`` in the config) this is exactly SAM-Med3D
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,9 @@ class MAISModel(nn.Module):
         self.mask_decoder = MaskDecoder3D(cfg.embed_dim, cfg.mask_decoder)
         self.memory_attention = MemoryAttention(cfg.embed_dim, cfg.memory) if cfg.memory is not None else None
         self.fullres_head = FullResHead(cfg.embed_dim, enc.img_size, cfg.fullres) if cfg.fullres is not None else None
+        # inference precision of the encoder, prompt encoder, memory and decoder (MAISSegmentLib.precision); the
+        # full-resolution head and everything with autograd on always run in float32 (or the caller's autocast)
+        self.inference_dtype = torch.float32
 
     @property
     def has_fullres(self) -> bool:
@@ -149,9 +153,16 @@ class MAISModel(nn.Module):
             blk.attn.rel_pos_variant = variant
 
     # ------------------------------------------------------------------------------- inference
+    def _low_precision(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast when :attr:`inference_dtype` asks for it and no gradient is being recorded."""
+        if self.inference_dtype == torch.float32 or torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.inference_dtype)
+
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, 128, 128, 128)`` ROI -> image embedding ``(B, 384, 8, 8, 8)``."""
-        return self.image_encoder(image)
+        """``(B, 1, 128, 128, 128)`` ROI -> image embedding ``(B, 384, 8, 8, 8)`` (float32)."""
+        with self._low_precision():
+            return self.image_encoder(image).float()
 
     def encode_fullres(self, image: torch.Tensor) -> FullResFeatures | None:
         """Once-per-ROI features of the full-resolution head (None when the model has none).
@@ -212,21 +223,23 @@ class MAISModel(nn.Module):
             prev_low_res = self.empty_mask()
         if image_pe is None:
             image_pe = self.dense_pe()
-        newest_only = self.cfg.memory is not None and self.cfg.memory.decoder_clicks == "newest"
-        dec_points, dec_labels = (points[:, -1:], labels[:, -1:]) if newest_only else (points, labels)
-        sparse, dense = self.prompt_encoder(points=(dec_points, dec_labels), masks=prev_low_res)
-        embedding, used_memory = image_embedding, False
-        if bank is not None:
-            if self.memory_attention is None:
-                raise PromptError("a memory bank was given but this model has no memory attention")
-            click_tokens = self.prompt_encoder.embed_points(points[:, -1:], labels[:, -1:], pad=False)
-            bank.push(click_tokens[0], dense[0])
-            if bank.total_pushed > 1:
-                embedding = self.memory_attention(image_embedding, image_pe, bank)
-                used_memory = True
-        if self.fullres_head is None or features is None:
-            low_res, iou = self.mask_decoder(embedding, image_pe, sparse, dense, multimask_output=False)
-            return StepOutput(low_res, iou, used_memory)
-        low_res, iou, token = self.mask_decoder.single_mask(embedding, image_pe, sparse, dense)
+        with self._low_precision():
+            newest_only = self.cfg.memory is not None and self.cfg.memory.decoder_clicks == "newest"
+            dec_points, dec_labels = (points[:, -1:], labels[:, -1:]) if newest_only else (points, labels)
+            sparse, dense = self.prompt_encoder(points=(dec_points, dec_labels), masks=prev_low_res)
+            embedding, used_memory = image_embedding, False
+            if bank is not None:
+                if self.memory_attention is None:
+                    raise PromptError("a memory bank was given but this model has no memory attention")
+                click_tokens = self.prompt_encoder.embed_points(points[:, -1:], labels[:, -1:], pad=False)
+                bank.push(click_tokens[0], dense[0])
+                if bank.total_pushed > 1:
+                    embedding = self.memory_attention(image_embedding, image_pe, bank)
+                    used_memory = True
+            if self.fullres_head is None or features is None:
+                low_res, iou = self.mask_decoder(embedding, image_pe, sparse, dense, multimask_output=False)
+                return StepOutput(low_res.float(), iou.float(), used_memory)
+            low_res, iou, token = self.mask_decoder.single_mask(embedding, image_pe, sparse, dense)
+        low_res, iou, token = low_res.float(), iou.float(), token.float()
         full = self.fullres_head(features, low_res, token, points, labels, prev_full)
         return StepOutput(low_res, iou, used_memory, full)

@@ -1,0 +1,102 @@
+"""Inference precision (MAISSegmentLib/precision.py): bfloat16 autocast for the encoder, prompt encoder, memory and
+decoder where it is faster; float32 outputs; the full-resolution head and training untouched; bad names refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import MAISSegmentLib.precision as precision_mod
+from MAISSegmentLib import build_model
+from MAISSegmentLib.errors import ConfigError
+from MAISSegmentLib.model import FullResConfig, get_preset
+from MAISSegmentLib.precision import resolve_precision, set_inference_precision
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_fr():
+    torch.manual_seed(0)
+    return build_model(get_preset("sam-med3d-tiny").replace(fullres=FullResConfig())).eval()
+
+
+def run_clicks(model, image, clicks=3):
+    """Masks (logit > 0) of a few clicks with memory, and the dtypes of every output."""
+    with torch.inference_mode():
+        emb = model.encode_image(image)
+        feats = model.encode_fullres(image)
+        bank = model.new_memory_bank()
+        prev, full, dtypes, masks = None, None, set(), []
+        points = torch.tensor([[[64.0, 60.0, 70.0], [40.0, 80.0, 50.0], [70.0, 70.0, 90.0]]])
+        labels = torch.tensor([[1.0, 0.0, 1.0]])
+        for t in range(clicks):
+            out = model.step(emb, points[:, : t + 1], labels[:, : t + 1], prev, bank, features=feats, prev_full=full)
+            prev, full = out.low_res_logits, out.full_res_logits
+            dtypes |= {emb.dtype, prev.dtype, full.dtype, out.iou.dtype}
+            masks.append(full > 0)
+    return masks, dtypes
+
+
+def test_bfloat16_inference_returns_float32_and_nearly_the_same_masks(tiny_fr):
+    image = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(2))
+    set_inference_precision(tiny_fr, "float32")
+    ref, ref_dtypes = run_clicks(tiny_fr, image)
+    try:
+        assert set_inference_precision(tiny_fr, "bfloat16") == torch.bfloat16
+        low, dtypes = run_clicks(tiny_fr, image)
+    finally:
+        set_inference_precision(tiny_fr, "float32")
+    assert ref_dtypes == dtypes == {torch.float32}
+    for a, b in zip(ref, low):
+        agree = (a == b).float().mean().item()
+        assert agree > 0.97, agree  # bfloat16 rounding moves only voxels near the threshold
+
+
+def test_training_ignores_the_inference_precision(tiny_fr):
+    """With autograd on (training) the step runs as the caller's autocast says, whatever ``inference_dtype`` is."""
+    image = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(3))
+    points, labels = torch.tensor([[[64.0, 60.0, 70.0]]]), torch.tensor([[1.0]])
+    outs = []
+    for name in ("float32", "bfloat16"):
+        set_inference_precision(tiny_fr, name)
+        with torch.no_grad():
+            emb = tiny_fr.encode_image(image)  # inference: differs between the two
+        with torch.enable_grad():
+            outs.append(tiny_fr.step(emb.detach(), points, labels).low_res_logits)
+        outs.append(emb)
+    set_inference_precision(tiny_fr, "float32")
+    assert not torch.equal(outs[1], outs[3])  # the encoder did run in bfloat16 for inference
+    # the same embedding through the decoder with autograd on: float32 both times -> same logits
+    set_inference_precision(tiny_fr, "bfloat16")
+    with torch.enable_grad():
+        again = tiny_fr.step(outs[1].detach(), points, labels).low_res_logits
+    set_inference_precision(tiny_fr, "float32")
+    assert torch.equal(again, outs[0])
+
+
+def test_auto_follows_the_measured_speedup_and_the_environment_overrides(monkeypatch):
+    monkeypatch.delenv(precision_mod.ENV_VAR, raising=False)
+    monkeypatch.setattr(precision_mod, "cpu_bf16_speedup", lambda threads=None: 3.0)
+    assert resolve_precision("auto", CPU) == torch.bfloat16
+    monkeypatch.setattr(precision_mod, "cpu_bf16_speedup", lambda threads=None: 0.7)  # emulated bfloat16
+    assert resolve_precision("auto", CPU) == torch.float32
+    assert resolve_precision("bfloat16", CPU) == torch.bfloat16
+    monkeypatch.setenv(precision_mod.ENV_VAR, "float32")
+    assert resolve_precision("bfloat16", CPU) == torch.float32
+    monkeypatch.setenv(precision_mod.ENV_VAR, "half")
+    with pytest.raises(ConfigError, match="MAIS_PRECISION: precision must be one of auto, float32, bfloat16"):
+        resolve_precision("auto", CPU)
+
+
+def test_the_probe_measures_a_positive_ratio():
+    assert precision_mod.cpu_bf16_speedup(torch.get_num_threads()) > 0
+
+
+@pytest.mark.parametrize("bad", ["fp16", "", None, "Float32"])
+def test_unknown_precisions_are_refused_before_anything_is_built(bad, monkeypatch):
+    monkeypatch.delenv(precision_mod.ENV_VAR, raising=False)
+    with pytest.raises(ConfigError, match="precision must be one of auto, float32, bfloat16"):
+        build_model("sam-med3d-tiny", precision=bad)
+    with pytest.raises(ConfigError, match="not supported on MPS"):
+        resolve_precision("bfloat16", torch.device("mps"))
