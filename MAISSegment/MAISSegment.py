@@ -29,10 +29,12 @@ persistent worker thread (:class:`Worker`; cuDNN/MPS caches are per thread).
 Heavy imports (torch, MAISSegmentLib) happen inside functions, at first use, after the dependency check.
 """
 
+import contextlib
 import importlib
 import logging
 import os
 import unittest
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -43,13 +45,21 @@ from MAISSegmentLogic.constants import (
     DEFAULT_MAX_LIVE_SESSIONS,
     DEFAULT_UNDO_BUDGET_BYTES,
     DEVICES,
+    EXCLUDE_COLOR,
+    EXCLUDE_KEY,
+    FORGET_KEY,
+    INCLUDE_COLOR,
+    INCLUDE_KEY,
     MODULE_DIR,
     OVERWRITE_MODES,
+    REDO_KEYS,
+    UNDO_KEYS,
 )
 from MAISSegmentLogic.dependencies import (
     BackgroundCommands,
     DependenciesMixin,
     DependencyPlan,
+    add_library_path,
     missing_requirements,
     read_requirements,
     slicer_python,
@@ -62,7 +72,7 @@ from MAISSegmentLogic.models import ModelChoice, ModelsMixin
 from MAISSegmentLogic.points import PointListsMixin, UpdatePlan, plan_update
 from MAISSegmentLogic.records import UpdateOutcome, UpdateRequest, UpdateResult, _Target
 from MAISSegmentLogic.scene_state import SceneStateMixin
-from MAISSegmentLogic.status import StatusMixin
+from MAISSegmentLogic.status import StatusMixin, next_step_hint
 from MAISSegmentLogic.targets import TargetsMixin
 from MAISSegmentLogic.updates import UpdatesMixin
 from MAISSegmentLogic.worker import Worker
@@ -92,26 +102,55 @@ __all__ = [
     "MAISSegmentTest",
     "MAISSegmentWidget",
     "ModelChoice",
+    "PanelState",
     "RewriteNeeded",
     "UpdateOutcome",
     "UpdatePlan",
     "UpdateRequest",
     "UpdateResult",
     "Worker",
+    "editor_selection",
     "missing_requirements",
+    "panel_state",
     "plan_update",
     "read_requirements",
     "slicer_python",
 ]
 
-# Keyboard shortcuts while the module is shown: (key sequence, widget method); descriptions in shortcutDescriptions().
+# Keyboard shortcuts while the module is shown: (key sequences, widget method); see constants.py for why these keys.
 SHORTCUTS = (
-    ("I", "onPlaceIncludeShortcut"),
-    ("E", "onPlaceExcludeShortcut"),
-    ("Ctrl+Alt+Z", "onUndo"),
-    ("Ctrl+Alt+Y", "onRedo"),
-    ("Ctrl+Alt+F", "onForgetPoint"),
+    ((INCLUDE_KEY,), "onPlaceIncludeShortcut"),
+    ((EXCLUDE_KEY,), "onPlaceExcludeShortcut"),
+    ((FORGET_KEY,), "onForgetPoint"),
+    (UNDO_KEYS, "onUndo"),
+    (REDO_KEYS, "onRedo"),
 )
+
+
+def shortcutTable() -> list[tuple[tuple[str, ...], str, str]]:
+    """``(keys, widget method, what it does)`` of every shortcut of the panel (main thread: translated text)."""
+    descriptions = {
+        "onPlaceIncludeShortcut": _("place include points (green), or stop"),
+        "onPlaceExcludeShortcut": _("place exclude points (red), or stop"),
+        "onForgetPoint": _("remove the point under the mouse (else the selected, else the last one)"),
+        "onUndo": _("undo the segment's last change (a point or a Segment Editor stroke)"),
+        "onRedo": _("redo"),
+    }
+    return [(keys, method, descriptions[method]) for keys, method in SHORTCUTS]
+
+
+def shortcutLegend() -> str:
+    """The one-line legend under the point buttons (main thread: translated text)."""
+    return _(
+        "Keys: {include} include · {exclude} exclude · {forget} remove point · {undo} undo · {redo} redo · "
+        "1–0 editor effects · Esc stop painting"
+    ).format(
+        include=INCLUDE_KEY,
+        exclude=EXCLUDE_KEY,
+        forget=FORGET_KEY,
+        undo=" / ".join(UNDO_KEYS),
+        redo=" / ".join(k for k in REDO_KEYS if "Shift" not in k),
+    )
 
 
 #
@@ -151,15 +190,14 @@ class MAISSegment(ScriptedLoadableModule):
 class MAISSegmentParameterNode:
     """The module's GUI state, saved with the scene.
 
-    inputVolume - the volume the network segments (the reference grid of the mask).
-    segmentation - the segmentation node holding the target segment.
-    segmentId - the segment being segmented (set by the segment selector; it has no parameter-node connector).
+    inputVolume - the volume the network segments (the reference grid of the mask): the Segment Editor's source volume.
+    segmentation - the segmentation node holding the target segment: the Segment Editor's segmentation.
+    segmentId - the segment being segmented: the Segment Editor's selected segment. (These three are copied from the
+        Segment Editor node, whose widget the panel embeds; they have no widget of their own.)
     includePoints, excludePoints - the point lists of that segment (created by the logic).
     modelId - the model (registered or imported id; the combo box is filled at run time, so it is not bound).
     device - where the network runs.
     useMemory, memorySize - MAIS memory on/off and its capacity (entries per ROI).
-    useEditorMasking - take the editable area and "modify other segments" from the Segment Editor.
-    overwriteMode - which other segments give up voxels when the Segment Editor's settings are not used.
     learnSteps, learnHoldout - "Learn from my cases": fine-tuning steps and cases held aside for the comparison.
     """
 
@@ -172,8 +210,6 @@ class MAISSegmentParameterNode:
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     useMemory: bool = True
     memorySize: Annotated[int, WithinRange(1, 1000)] = 60
-    useEditorMasking: bool = True
-    overwriteMode: Annotated[str, Choice(list(OVERWRITE_MODES))] = "none"
     learnSteps: Annotated[int, WithinRange(1, 100000)] = 100
     learnHoldout: Annotated[int, WithinRange(0, 100)] = 1
 
@@ -242,10 +278,65 @@ class MAISSegmentLogic(
 #
 
 
-class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The Qt layer: binds the .ui to the parameter node and forwards user actions to :class:`MAISSegmentLogic`.
+@dataclass(frozen=True)
+class PanelState:
+    """What the panel shows for a selection (Qt-free, so that it is tested headless): which buttons are enabled and
+    the hint saying what to do next."""
 
-    The network runs on :class:`Worker` (one persistent thread); MRML and Qt are touched on the main thread only.
+    include: bool
+    exclude: bool
+    undo: bool
+    redo: bool
+    forget: bool
+    reset: bool
+    overwrite: bool
+    hint: str
+
+
+def editor_selection(editor_node) -> tuple[Any, str, Any]:
+    """``(segmentation, segment id, source volume)`` selected in a Segment Editor node (any may be None / "")."""
+    if editor_node is None:
+        return None, "", None
+    getVolume = getattr(editor_node, "GetSourceVolumeNode", None) or editor_node.GetMasterVolumeNode  # Slicer < 5.4
+    return editor_node.GetSegmentationNode(), editor_node.GetSelectedSegmentID() or "", getVolume()
+
+
+def panel_state(
+    logic,
+    segmentation,
+    segment_id: str,
+    volume,
+    busy: bool = False,
+    placing: str = "",
+    editor_can_undo: bool = False,
+    editor_can_redo: bool = False,
+) -> PanelState:
+    """The panel for this selection. Include is enabled as soon as a volume is there: without a segment, it creates
+    one (:meth:`MAISSegmentLogic.create_segment`), so that a first use is never a dead end."""
+    selected = not logic.missing_selection_message(segmentation, segment_id, volume)
+    ready = selected and not busy
+    target = (segmentation, segment_id, volume)
+    hint = next_step_hint(volume is not None, segmentation is not None, bool(selected), placing)
+    return PanelState(
+        include=volume is not None and not busy,
+        exclude=ready,
+        undo=ready and (logic.can_undo(*target) or editor_can_undo),
+        redo=ready and (logic.can_redo(*target) or editor_can_redo),
+        forget=ready and logic.session(*target) is not None,
+        reset=ready and logic.can_reset(*target),
+        overwrite=ready and logic.edited_voxels(*target) > 0,
+        hint=hint,
+    )
+
+
+class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The Qt layer: the Segment Editor widget (segments, touch-ups, masking) with the point buttons above it, bound to
+    the parameter node; user actions go to :class:`MAISSegmentLogic`.
+
+    The Segment Editor node is the selection: its segmentation, selected segment and source volume are the ones the
+    points refine, and its masking settings apply. The network runs on :class:`Worker` (one persistent thread); MRML
+    and Qt are touched on the main thread only. The poll timer runs while the module is shown, or while work started
+    there is still running.
     """
 
     def __init__(self, parent=None) -> None:
@@ -254,6 +345,8 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._editorNode = None
+        self._observedSegmentation = None
         self._worker = None
         self._pollTimer = None
         self._busy = False
@@ -263,13 +356,16 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._sceneGeneration = 0  # incremented when the scene closes: results computed before are dropped
         self._observedPointNodes = []
         self._shortcuts = []
+        self._silencedShortcuts = []  # other shortcuts on our keys (e.g. the editor's Ctrl+Z), disabled while shown
         self._learnRun = None  # MAISSegmentLib.learn.LearnRun in progress
         self._installRun = None  # BackgroundCommands installing PyTorch
         self._learnCandidates = []  # LearnCandidate per row of learnCasesListWidget
         self._learnResult = None  # the last registered LearnResult
         self._modelChoices = {}  # model id -> ModelChoice of the model selector
+        self._modelsListed = False
         self._downloadProgress = None  # (bytes done, total or None) written by the worker, shown by the poll timer
         self._draggingPoint = False  # a point is being dragged: its end-interaction event updates the segment
+        self._guiUpdateQueued = False
 
     # ------------------------------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -283,11 +379,16 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._worker = Worker()
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(30)
-        self._pollTimer.connect("timeout()", self._worker.deliver)
-        self._pollTimer.connect("timeout()", self._pollLearning)
-        self._pollTimer.connect("timeout()", self._pollDownload)
-        self._pollTimer.connect("timeout()", self._pollInstall)
-        self._pollTimer.start()
+        self._pollTimer.connect("timeout()", self._poll)  # started in enter(), stopped once hidden and idle
+
+        editor = self.ui.segmentEditorWidget
+        editor.setMRMLScene(slicer.mrmlScene)
+        editor.setMaximumNumberOfUndoStates(20)
+        self._setEditorNode(self._segmentEditorNode())
+        for name in ("UndoButton", "RedoButton"):  # one Undo/Redo for points and strokes: the panel's (Ctrl+Z/Y)
+            button = self._editorChild(name)
+            if button is not None:
+                button.visible = False
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -295,7 +396,8 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()
         self.addObserver(interactionNode, interactionNode.InteractionModeChangedEvent, self.onInteractionModeChanged)
 
-        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
+        for button, color in ((self.ui.includeButton, INCLUDE_COLOR), (self.ui.excludeButton, EXCLUDE_COLOR)):
+            button.setIcon(self._dotIcon(color))
         self.ui.includeButton.connect("toggled(bool)", lambda checked: self.onPlaceToggled(True, checked))
         self.ui.excludeButton.connect("toggled(bool)", lambda checked: self.onPlaceToggled(False, checked))
         self.ui.undoButton.connect("clicked()", self.onUndo)
@@ -310,7 +412,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.useMemoryCheckBox.connect("toggled(bool)", self.onMemorySettingsChanged)
         self.ui.memorySizeSpinBox.connect("valueChanged(int)", self.onMemorySettingsChanged)
-        self.ui.useEditorMaskingCheckBox.connect("toggled(bool)", self._updateGui)
+        self.ui.advancedCollapsibleButton.connect("contentsCollapsed(bool)", self.onAdvancedCollapsed)
         self.ui.learnCollapsibleButton.connect("contentsCollapsed(bool)", self.onLearnPanelCollapsed)
         self.ui.learnRefreshCasesButton.connect("clicked()", self.refreshLearningCases)
         self.ui.learnStartButton.connect("clicked()", self.onLearnStart)
@@ -318,20 +420,53 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.learnUseModelButton.connect("clicked()", self.onUseLearnedModel)
         self.ui.learnSwitchBackButton.connect("clicked()", self.onSwitchBackModel)
 
-        descriptions = self.shortcutDescriptions()
-        tips = "\n".join(f"{key}: {descriptions[method]}" for key, method in SHORTCUTS)
-        self.ui.pointsCollapsibleButton.toolTip = _("Keyboard shortcuts while this module is shown:") + "\n" + tips
+        self.ui.shortcutsLabel.text = shortcutLegend()
+        self.ui.shortcutsLabel.toolTip = (
+            _("Keyboard shortcuts while this module is shown:")
+            + "\n"
+            + "\n".join(f"{' / '.join(keys)}: {text}" for keys, _method, text in shortcutTable())
+        )
         self.initializeParameterNode()
 
     @staticmethod
-    def shortcutDescriptions() -> dict[str, str]:
-        return {
-            "onPlaceIncludeShortcut": _("place include (+) points"),
-            "onPlaceExcludeShortcut": _("place exclude (−) points"),
-            "onUndo": _("undo the last MAISSegment change"),
-            "onRedo": _("redo"),
-            "onForgetPoint": _("forget the selected point"),
-        }
+    def _dotIcon(color) -> Any:
+        """A filled circle of the points' colour: the button shows what it places."""
+        pixmap = qt.QPixmap(14, 14)
+        pixmap.fill(qt.QColor(0, 0, 0, 0))
+        painter = qt.QPainter(pixmap)
+        painter.setRenderHint(qt.QPainter.Antialiasing)
+        painter.setBrush(qt.QBrush(qt.QColor(*[int(255 * c) for c in color])))
+        painter.setPen(qt.QColor(255, 255, 255))
+        painter.drawEllipse(1, 1, 12, 12)
+        painter.end()
+        return qt.QIcon(pixmap)
+
+    def _editorChild(self, name: str):
+        """A named child of the Segment Editor widget (its internals: None if a future Slicer renames it)."""
+        try:
+            return slicer.util.findChild(self.ui.segmentEditorWidget, name)
+        except RuntimeError:
+            return None
+
+    @staticmethod
+    def _segmentEditorNode():
+        """The Segment Editor module's node (shared, as SlicerNNInteractive does): the same segment and masking."""
+        node = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+        if node is None:
+            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            node.UnRegister(None)
+            node.SetSingletonTag("SegmentEditor")
+            node = slicer.mrmlScene.AddNode(node)
+        return node
+
+    def _setEditorNode(self, node) -> None:
+        if self._editorNode is not None:
+            self.removeObserver(self._editorNode, vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified)
+        self._editorNode = node
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(node)
+        if node is not None:
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified)
+        self.logic.segment_editor_node = node  # its masking settings are the ones that apply
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
@@ -348,25 +483,74 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        editor = self.ui.segmentEditorWidget
+        editor.setupViewObservations()  # as the Segment Editor module does: its effects work in the views
+        editor.updateWidgetFromMRML()
         self._installShortcuts()
+        self._pollTimer.start()
         if self.logic.dependencies_present():
-            self.refreshModels()
+            self._listModelsInBackground()
         else:
             self._setStatus(_("PyTorch is installed when you place the first point (the PyTorch extension is used)."))
+        self._updateGui()
 
     def exit(self) -> None:
         self._removeShortcuts()
         self._stopPlacing()
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.removeViewObservations()
+        if self._idle():
+            self._pollTimer.stop()  # else _poll stops it once the work started here is done
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def _idle(self) -> bool:
+        """Nothing started here is still running (the poll timer has nothing to follow)."""
+        return (
+            not self._busy
+            and self._worker.pending == 0
+            and self._learnRun is None
+            and self._installRun is None
+            and self._downloadProgress is None
+        )
+
+    def _poll(self) -> None:
+        self._worker.deliver()
+        self._pollLearning()
+        self._pollDownload()
+        self._pollInstall()
+        if not self.parent.isEntered and self._idle():
+            self._pollTimer.stop()
+
+    def _listModelsInBackground(self) -> None:
+        """Import the library (and torch) on the worker, then list the models on the main thread: entering the module
+        never imports torch on the main thread."""
+        if self._modelsListed:
+            return
+        self._modelsListed = True
+
+        def importLibrary():
+            add_library_path()
+            importlib.import_module("MAISSegmentLib")
+
+        def listed(result, error):
+            if error is None:
+                self.refreshModels()
+            else:
+                logging.warning("MAISSegment: cannot import the library yet: %s", error)
+                self._modelsListed = False
+
+        self._worker.submit(importLibrary, listed)
 
     def onSceneStartClose(self, caller, event) -> None:
         self._sceneGeneration += 1
         self._stopPlacing()
         self.setParameterNode(None)
         self._observePointNodes([])
+        self._observeSegmentation(None)
         self.logic.clear()
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -377,15 +561,28 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.save_state_to_scene()
 
     def initializeParameterNode(self) -> None:
+        """The parameter node and the Segment Editor node of the scene; a fresh scene with a volume gets a
+        segmentation (as the Segment Editor module does), so that the first point needs no other step."""
+        if self._editorNode is None or self._editorNode.GetScene() is not slicer.mrmlScene:
+            self._setEditorNode(self._segmentEditorNode())
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
-        if not self._parameterNode.segmentation:
-            firstSegmentationNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
-            if firstSegmentationNode:
-                self._parameterNode.segmentation = firstSegmentationNode
+        p, editor = self._parameterNode, self.ui.segmentEditorWidget
+        segmentation, _segmentId, volume = editor_selection(self._editorNode)
+        if volume is None:
+            volume = p.inputVolume or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if volume is not None:
+                self._setEditorVolume(volume)
+        if segmentation is None:
+            segmentation = p.segmentation or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+            if segmentation is None and volume is not None:
+                segmentation = self.logic.create_segmentation(volume)
+            if segmentation is not None:
+                editor.setSegmentationNode(segmentation)
+        self.onEditorNodeModified()
+
+    def _setEditorVolume(self, volume) -> None:
+        editor = self.ui.segmentEditorWidget
+        (getattr(editor, "setSourceVolumeNode", None) or editor.setMasterVolumeNode)(volume)  # Slicer < 5.4
 
     def setParameterNode(self, inputParameterNode: MAISSegmentParameterNode | None) -> None:
         if self._parameterNode:
@@ -398,26 +595,64 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._onParameterNodeModified()
 
     # ------------------------------------------------------------------------------------------ state -> GUI
-    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+    def onEditorNodeModified(self, caller=None, event=None) -> None:
+        """The Segment Editor's selection is the panel's: copy it into the parameter node (saved with the scene)."""
         p = self._parameterNode
         if p is None:
             return
-        if self.ui.segmentSelector.currentNode() != p.segmentation:
-            self.ui.segmentSelector.setCurrentNode(p.segmentation)
-        if p.segmentation and p.segmentId and self.ui.segmentSelector.currentSegmentID() != p.segmentId:
-            self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
+        segmentation, segmentId, volume = editor_selection(self._editorNode)
+        node = p.parameterNode if hasattr(p, "parameterNode") else None
+        wasModifying = node.StartModify() if node is not None else None
+        try:
+            if p.segmentation != segmentation:
+                p.segmentation = segmentation
+            if p.segmentId != segmentId:
+                p.segmentId = segmentId
+            if p.inputVolume != volume:
+                p.inputVolume = volume
+        finally:
+            if node is not None:
+                node.EndModify(wasModifying)
+        self._observeSegmentation(segmentation)
+        if self.ui.segmentEditorWidget.activeEffect() is not None:
+            self._stopPlacing()  # painting: clicks go to the effect, not to the points
+        self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        if self._parameterNode is None:
+            return
         self._syncLogicSettings()
         self._updatePointLists()
         self._updateGui()
 
+    def _observeSegmentation(self, segmentationNode) -> None:
+        """Follow the segmentation's content (strokes of the editor change what Undo does) to refresh the buttons."""
+        segmentation = segmentationNode.GetSegmentation() if segmentationNode is not None else None
+        if segmentation is self._observedSegmentation:
+            return
+        event = getattr(slicer.vtkSegmentation, "SourceRepresentationModified", None)
+        if event is None:  # Slicer < 5.4
+            event = slicer.vtkSegmentation.MasterRepresentationModified
+        if self._observedSegmentation is not None:
+            self.removeObserver(self._observedSegmentation, event, self._queueGuiUpdate)
+        self._observedSegmentation = segmentation
+        if segmentation is not None:
+            self.addObserver(segmentation, event, self._queueGuiUpdate)
+
+    def _queueGuiUpdate(self, caller=None, event=None) -> None:
+        if not self._guiUpdateQueued:
+            self._guiUpdateQueued = True
+            qt.QTimer.singleShot(0, self._queuedGuiUpdate)
+
+    def _queuedGuiUpdate(self) -> None:
+        self._guiUpdateQueued = False
+        if self._parameterNode is not None:
+            self._updateGui()
+
     def _syncLogicSettings(self) -> None:
         p = self._parameterNode
         self.logic.use_memory, self.logic.memory_size = p.useMemory, p.memorySize
-        self.logic.overwrite = p.overwriteMode
-        editorNode = None
-        if p.useEditorMasking:
-            editorNode = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
-        self.logic.segment_editor_node = editorNode
+        self.logic.segment_editor_node = self._editorNode
         self.logic.select_model(model_id=p.modelId, device=p.device)
 
     def _selection(self):
@@ -470,15 +705,32 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.addObserver(node, event, callback)
         self._draggingPoint = False
 
+    def _editorCan(self, name: str) -> bool:
+        """Whether the Segment Editor's own (hidden) Undo / Redo button is enabled: it has a stroke to undo / redo."""
+        button = self._editorChild(name)
+        return bool(button is not None and button.enabled)
+
     def _updateGui(self, *args) -> None:
-        target = self._currentTarget()
-        ready = target is not None and not self._busy
-        for button in (self.ui.includeButton, self.ui.excludeButton, self.ui.forgetButton, self.ui.resetButton):
-            button.enabled = ready
-        self.ui.overwriteEditsButton.enabled = ready and self.logic.edited_voxels(*target) > 0
-        self.ui.undoButton.enabled = ready and self.logic.can_undo(*target)
-        self.ui.redoButton.enabled = ready and self.logic.can_redo(*target)
-        self.ui.overwriteComboBox.enabled = not self.ui.useEditorMaskingCheckBox.checked
+        placing = "include" if self.ui.includeButton.checked else "exclude" if self.ui.excludeButton.checked else ""
+        segmentation, segmentId, volume = self._selection()
+        state = panel_state(
+            self.logic,
+            segmentation,
+            segmentId,
+            volume,
+            busy=self._busy,
+            placing=placing,
+            editor_can_undo=self._editorCan("UndoButton"),
+            editor_can_redo=self._editorCan("RedoButton"),
+        )
+        self.ui.hintLabel.text = state.hint
+        self.ui.includeButton.enabled = state.include
+        self.ui.excludeButton.enabled = state.exclude
+        self.ui.undoButton.enabled = state.undo
+        self.ui.redoButton.enabled = state.redo
+        self.ui.forgetButton.enabled = state.forget
+        self.ui.resetButton.enabled = state.reset
+        self.ui.overwriteEditsButton.enabled = state.overwrite
         learning = self._learnRun is not None
         self.ui.learnStartButton.enabled = not learning
         self.ui.learnCancelButton.enabled = learning and self._learnRun.running  # not while registering
@@ -487,14 +739,17 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.learnSwitchBackButton.enabled = self.logic.can_switch_back
 
-    def _setStatus(self, text: str) -> None:
+    def _setStatus(self, text: str, details: str = "", warning: bool = False) -> None:
+        """The status line (one line in the user's words; ``details`` in its tooltip; ``warning``: shown in red)."""
         self.ui.statusLabel.text = text
+        self.ui.statusLabel.toolTip = details or _("What the last action did.")
+        self.ui.statusLabel.styleSheet = "QLabel { color: #d93a2b; }" if warning else ""
+
+    def _showResult(self, result) -> None:
+        refused = bool(result.rejected)
+        self._setStatus(self.logic.describe(result), self.logic.describe_details(result), warning=refused)
 
     # ------------------------------------------------------------------------------------------ user actions
-    def onSegmentChanged(self, segmentId) -> None:
-        if self._parameterNode is not None and self._parameterNode.segmentId != segmentId:
-            self._parameterNode.segmentId = segmentId or ""
-
     def _ensureDependencies(self) -> bool:
         """True when torch and the other packages are there. Otherwise ask (listing them) and start installing
         PyTorch in a background process (:meth:`_pollInstall` follows it), and return False: Slicer stays usable and
@@ -506,11 +761,12 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             plan = self.logic.dependency_plan()
             if plan.torch_commands:
                 if not slicer.util.confirmOkCancelDisplay(plan.describe(), _("MAISSegment: install Python packages")):
-                    self._setStatus(_("MAISSegment cannot run without PyTorch."))
+                    self._setStatus(_("MAISSegment cannot run without PyTorch."), warning=True)
                     return False
                 self._installRun = self.logic.start_dependency_install(plan)
                 self._showModelProgress(busy=True)
                 self._setStatus(_("Installing PyTorch in the background (several minutes)…"))
+                self._pollTimer.start()
                 self._updateGui()
                 return False
             self.logic.ensure_dependencies()
@@ -534,7 +790,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._hideModelProgress()
         self._updateGui()
         if run.error is not None:
-            self._setStatus(_("PyTorch was not installed."))
+            self._setStatus(_("PyTorch was not installed."), warning=True)
             slicer.util.errorDisplay(
                 _("Installing PyTorch failed; MAISSegment cannot run without it.") + "\n\n" + run.error
             )
@@ -548,34 +804,57 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshModels()
         self._setStatus(_("PyTorch is installed: place your point again."))
 
+    def _ensureSegment(self) -> bool:
+        """Before placing: a segment to place on. Without one (a fresh scene), one is created and selected in the
+        segment list, with Slicer's default terminology; the user renames it there."""
+        if self._currentTarget() is not None:
+            return True
+        segmentation, _segmentId, volume = self._selection()
+        if volume is None:
+            self._setStatus(self.logic.missing_selection_message(*self._selection()), warning=True)
+            return False
+        if segmentation is None:
+            segmentation = self.logic.create_segmentation(volume)
+            self.ui.segmentEditorWidget.setSegmentationNode(segmentation)
+        segmentId = self.logic.create_segment(segmentation)
+        self._editorNode.SetSelectedSegmentID(segmentId)
+        self.onEditorNodeModified()
+        return self._currentTarget() is not None
+
     def onPlaceToggled(self, include: bool, checked: bool) -> None:
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()
         if not checked:
             if not (self.ui.includeButton.checked or self.ui.excludeButton.checked):
                 interactionNode.SwitchToViewTransformMode()
+            self._updateGui()
             return
         other = self.ui.excludeButton if include else self.ui.includeButton
         wasBlocked = other.blockSignals(True)
         other.checked = False
         other.blockSignals(wasBlocked)
-        if self._currentTarget() is None or not self._ensureDependencies():
-            button = self.ui.includeButton if include else self.ui.excludeButton
+        button = self.ui.includeButton if include else self.ui.excludeButton
+        if not self._ensureSegment() or not self._ensureDependencies():
+            wasBlocked = button.blockSignals(True)
             button.checked = False
-            if self._currentTarget() is None:
-                self._setStatus(self.logic.missing_selection_message(*self._selection()))
+            button.blockSignals(wasBlocked)
+            self._updateGui()
             return
+        self.ui.segmentEditorWidget.setActiveEffect(None)  # clicks place points, not paint
         node = self._parameterNode.includePoints if include else self._parameterNode.excludePoints
         selectionNode = slicer.app.applicationLogic().GetSelectionNode()
         selectionNode.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
         selectionNode.SetActivePlaceNodeID(node.GetID())
         interactionNode.SetPlaceModePersistence(1)
         interactionNode.SetCurrentInteractionMode(interactionNode.Place)
+        self._updateGui()
 
     def onPlaceIncludeShortcut(self) -> None:
-        self.ui.includeButton.checked = not self.ui.includeButton.checked
+        if self.ui.includeButton.enabled:
+            self.ui.includeButton.checked = not self.ui.includeButton.checked
 
     def onPlaceExcludeShortcut(self) -> None:
-        self.ui.excludeButton.checked = not self.ui.excludeButton.checked
+        if self.ui.excludeButton.enabled:
+            self.ui.excludeButton.checked = not self.ui.excludeButton.checked
 
     def _stopPlacing(self) -> None:
         for button in (self.ui.includeButton, self.ui.excludeButton):
@@ -588,6 +867,8 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 wasBlocked = button.blockSignals(True)
                 button.checked = False
                 button.blockSignals(wasBlocked)
+            if self._parameterNode is not None:
+                self._updateGui()
 
     def onPointsModified(self, caller=None, event=None) -> None:
         """A point placed or removed: recompute (requests made while busy are coalesced)."""
@@ -712,11 +993,9 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 result = self.logic.apply_update(outcome)
             finally:
                 self._ignorePointEvents = False
-            self._setStatus(self.logic.describe(result))
-            if result.rejected:
-                slicer.util.warningDisplay(_("Point refused:") + "\n" + "\n".join(result.rejected))
+            self._showResult(result)  # a refused point: one line in the status, no dialog
         except Exception as exc:
-            self._setStatus(_("Failed: {error}").format(error=exc))
+            self._setStatus(_("Failed: {error}").format(error=exc), warning=True)
             slicer.util.errorDisplay(_("Segmentation failed.") + "\n\n" + str(exc))
             p = self._parameterNode
             if p is not None and p.modelId != self.logic.current_model_id:  # a model that failed to load: keep the
@@ -739,21 +1018,44 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 result = action(*target)
             finally:
                 self._ignorePointEvents = False
-            self._setStatus(self.logic.describe(result))
+            self._showResult(result)
             self._updateGui()
 
+    def _editorUndo(self) -> bool:
+        if not self._editorCan("UndoButton"):
+            return False
+        self.ui.segmentEditorWidget.undo()
+        return True
+
+    def _editorRedo(self) -> bool:
+        if not self._editorCan("RedoButton"):
+            return False
+        self.ui.segmentEditorWidget.redo()
+        return True
+
     def onUndo(self) -> None:
-        self._runQuickAction(_("Undo failed."), self.logic.undo)
+        """Undo the segment's last change: a point (voxels, points, memory) or a Segment Editor stroke."""
+        if self._currentTarget() is None:  # no segment of ours: the editor's own history
+            self._editorUndo()
+            return
+        self._runQuickAction(
+            _("Undo failed."), lambda *target: self.logic.undo_last_change(*target, editor_undo=self._editorUndo)
+        )
 
     def onRedo(self) -> None:
-        self._runQuickAction(_("Redo failed."), self.logic.redo)
+        if self._currentTarget() is None:
+            self._editorRedo()
+            return
+        self._runQuickAction(
+            _("Redo failed."), lambda *target: self.logic.redo_last_change(*target, editor_redo=self._editorRedo)
+        )
 
     def onResetSegment(self) -> None:
-        self._runQuickAction(_("Reset failed."), self.logic.reset)
+        self._runQuickAction(_("Clearing the segment failed."), self.logic.reset)
 
     def onOverwriteEdits(self) -> None:
         """Let the model's mask replace the voxels kept as the user's edits (undoable)."""
-        self._runQuickAction(_("Overwriting your edits failed."), self.logic.overwrite_edits)
+        self._runQuickAction(_("Replacing your touch-ups failed."), self.logic.overwrite_edits)
 
     def onForgetPoint(self) -> None:
         """Remove the selected point; the point-removed event recomputes the segment without it (on the worker)."""
@@ -764,10 +1066,10 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.includePoints, self._parameterNode.excludePoints
             )
         except Exception as exc:  # e.g. MAISSegmentLib's packages are not installed yet
-            slicer.util.errorDisplay(_("Cannot forget the point.") + "\n\n" + str(exc))
+            slicer.util.errorDisplay(_("Cannot remove the point.") + "\n\n" + str(exc))
             return
         if node is None:
-            self._setStatus(_("There is no point to forget."))
+            self._setStatus(_("There is no point to remove."))
             return
         node.RemoveNthControlPoint(index)
 
@@ -803,9 +1105,13 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadWeightsButton.enabled = bool(choice and choice.download_url) and not self._busy
         if choice is not None and not choice.usable:
             if choice.download_url:
-                self._setStatus(_("'{model}' is not downloaded yet: press Download.").format(model=modelId))
+                self._setStatus(_("'{model}' is not downloaded yet: press Download (Advanced).").format(model=modelId))
             else:
-                self._setStatus(_("'{model}' has no weight file here: use Import weights….").format(model=modelId))
+                self._setStatus(_("'{model}' has no weight file here: use Import… (Advanced).").format(model=modelId))
+
+    def onAdvancedCollapsed(self, collapsed) -> None:
+        if not collapsed and self.logic.dependencies_present():
+            self._listModelsInBackground()
 
     def onDeviceChanged(self, *args) -> None:
         if self._parameterNode is not None:
@@ -828,6 +1134,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._busy = True
         self._downloadProgress = (0, choice.size_bytes)
         self._showModelProgress(busy=False)
+        self._pollTimer.start()
         self._setStatus(_("Downloading '{model}'…").format(model=modelId))
         self._updateGui()
 
@@ -1018,20 +1325,38 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------------------------ shortcuts
     def _installShortcuts(self) -> None:
+        """While the module is shown: the Segment Editor's keys (effects 1-0, Escape, Space, Q/W...) and the panel's
+        (:data:`SHORTCUTS`). Other shortcuts on the panel's keys (the editor's own Ctrl+Z/Z/Ctrl+Y/Y, which would
+        undo strokes only, or another module's) are disabled meanwhile: two shortcuts on one key would both be
+        ambiguous and neither would fire."""
         self._removeShortcuts()
         mainWindow = slicer.util.mainWindow()
         if mainWindow is None:
             return
-        for key, method in SHORTCUTS:
-            shortcut = qt.QShortcut(qt.QKeySequence(key), mainWindow)
-            shortcut.connect("activated()", getattr(self, method))
-            self._shortcuts.append(shortcut)
+        self.ui.segmentEditorWidget.installKeyboardShortcuts(mainWindow)
+        ours = {qt.QKeySequence(key).toString() for keys, _method in SHORTCUTS for key in keys}
+        for shortcut in mainWindow.findChildren(qt.QShortcut):
+            if shortcut.enabled and shortcut.key.toString() in ours:
+                shortcut.enabled = False
+                self._silencedShortcuts.append(shortcut)
+        for keys, method in SHORTCUTS:
+            for key in keys:
+                shortcut = qt.QShortcut(qt.QKeySequence(key), mainWindow)
+                shortcut.setObjectName("MAISSegmentShortcut")
+                shortcut.connect("activated()", getattr(self, method))
+                self._shortcuts.append(shortcut)
 
     def _removeShortcuts(self) -> None:
         for shortcut in self._shortcuts:
             shortcut.disconnect("activated()")
             shortcut.setParent(None)
         self._shortcuts = []
+        for shortcut in self._silencedShortcuts:
+            with contextlib.suppress(Exception):  # deleted meanwhile (e.g. its module was reloaded)
+                shortcut.enabled = True
+        self._silencedShortcuts = []
+        if hasattr(self, "ui"):
+            self.ui.segmentEditorWidget.uninstallKeyboardShortcuts()
 
 
 #

@@ -54,7 +54,7 @@ def test_touch_ups_between_points_survive_the_next_point(started):
     assert now[painted].all() and not now[erased].any()
     model_mask = s.logic.session(*s.target).mask > 0
     assert result.kept_edits == int(np.count_nonzero((model_mask != now) & (erased | painted)))
-    assert result.kept_edits > 0 and "Kept" in s.logic.describe(result)
+    assert result.kept_edits > 0 and "touch-ups kept" in s.logic.describe(result)
     assert s.logic.edited_voxels(*s.target) == int(np.count_nonzero(erased | painted))
     assert np.array_equal(arrays(s)["other"], s.before["other"])
     place_and_update(s, (29, 24, 21))  # and at the point after
@@ -146,6 +146,7 @@ def test_undo_history_stays_within_the_scene_budget(started):
     s.logic.undo_budget_bytes = 1  # everything but the newest operation must go
     result = place_and_update(s)
     assert result.undo_dropped >= 1 and "Undo history full" in s.logic.describe(result)
+    assert "can no longer be undone" in s.logic.describe_details(result)
     assert (
         s.logic.can_undo(*s.target)
         and len(s.logic._targets[tuple(x.GetID() if hasattr(x, "GetID") else x for x in s.target)].undo) == 1

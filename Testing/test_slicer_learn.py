@@ -115,7 +115,7 @@ def test_learn_from_scene_cases_registers_a_version_to_switch_to_and_back(cases,
     include, exclude = logic.get_point_lists(segmentation, target)
     module.MAISSegmentTest.place(include, module.MAISSegmentTest.ras((50, 40, 30)))  # beside the (protected) ball
     update = logic.on_points_changed(segmentation, target, volume, include, exclude)
-    assert update.action == "add" and result.model_id in logic.describe(update)
+    assert update.action == "add" and result.model_id in logic.describe_details(update)
     assert all(np.array_equal(a, b) for a, b in zip(segment_arrays(module, made), before_segments))
 
     assert logic.can_switch_back and logic.switch_back_model() and not logic.can_switch_back

@@ -125,7 +125,9 @@ def test_ui_binds_only_parameter_node_fields_of_matching_types():
         if parameter is not None:
             assert parameter in fields, f"{name} binds {parameter!r}, not a MAISSegmentParameterNode field"
             bound[parameter] = widget.get("class")
-    assert set(bound) >= {"inputVolume", "segmentation", "device", "useMemory", "memorySize", "overwriteMode"}
+    assert set(bound) >= {"device", "useMemory", "memorySize", "learnSteps", "learnHoldout"}
+    # the volume, segmentation and segment are the embedded Segment Editor's selection (copied into the parameter node)
+    assert not {"inputVolume", "segmentation", "segmentId"} & set(bound)
     for parameter, widget_class in bound.items():
         annotation = fields[parameter]
         expected = {  # what Slicer's parameterNodeWrapper GUI connectors accept
@@ -308,7 +310,7 @@ def test_module_description_parameters_and_library_constants(module):
     assert parent.title and parent.categories == ["Segmentation"] and parent.helpText and parent.contributors
     assert module.DEVICES == DEVICE_CHOICES and module.OVERWRITE_MODES == mrml_masking.OVERWRITE_MODES
     params = module.MAISSegmentParameterNode(None)
-    assert (params.device, params.useMemory, params.memorySize, params.overwriteMode) == ("auto", True, 60, "none")
+    assert (params.device, params.useMemory, params.memorySize) == ("auto", True, 60)
     assert set(parameter_fields()) == set(module.MAISSegmentParameterNode.allParameters)
     for name in ("torch", "MAISSegmentLib.session", "MAISSegmentLib.checkpoint"):
         assert name not in vars(module)
@@ -545,12 +547,18 @@ def test_points_on_an_oblique_volume_update_the_segment_where_the_session_puts_t
     after = arrays(s)
     assert after["target"].any() and np.array_equal(after["target"], session.mask > 0)
     assert np.array_equal(after["other"], other_before) and not (after["target"] & after["other"]).any()
-    assert "2 point(s)" in s.logic.describe(result) and "ref_tiny.pth" in s.logic.describe(result)
-    # the status line: point read -> segment written (>= the network part), and where the last point's ROI is
-    assert result.total_seconds >= result.seconds > 0 and "network" in s.logic.describe(result)
+    # the status line in a radiologist's words: the mask's volume and the points; the details in its tooltip
+    voxel_ml = abs(np.linalg.det(s.T.affine()[:3, :3])) / 1000
+    assert result.volume_ml == pytest.approx(np.count_nonzero(after["target"]) * voxel_ml)
+    status, details = s.logic.describe(result), s.logic.describe_details(result)
+    assert status.startswith("Mask updated: ") and " mL, 2 points." in status
+    assert "ms" not in status and "ROI" not in status and "ref_tiny.pth" not in status
+    assert "Points: 2" in details and "ref_tiny.pth" in details
+    # the details: point read -> segment written (>= the network part), and where the last point's ROI is
+    assert result.total_seconds >= result.seconds > 0 and "network" in details
     center, edge = result.roi
     assert edge == 192.0 and session.rois[0].contains(np.asarray(session.clicks[-1].ras))
-    assert np.allclose(center, session.rois[0].center) and "192 mm cube at R" in s.logic.describe(result)
+    assert np.allclose(center, session.rois[0].center) and "192 mm cube at R" in details
     # a moved point: the session is rebuilt from the points, as a fresh session with those clicks would be
     include.SetNthControlPointPositionWorld(0, *s.T.ras((28, 24, 20)))
     result = s.logic.on_points_changed(*target, include, exclude)
@@ -713,7 +721,8 @@ def test_refused_points_and_locked_segments_change_nothing(scene, module):
     assert result.action == "rejected" and len(result.rejected) == 2
     assert include.GetNumberOfControlPoints() == exclude.GetNumberOfControlPoints() == 0  # the points were removed
     assert all(np.array_equal(arrays(s)[k], before[k]) for k in before)
-    assert "Refused" in s.logic.describe(result)
+    assert s.logic.describe(result).startswith("Point not used: ") and "\n" not in s.logic.describe(result)
+    assert s.logic.describe_details(result).count("Refused") == 2
     mrml_masking.set_segment_locked(s.seg, s.ids["target"])
     s.T.place(include, s.T.ras((30, 25, 20)))
     with pytest.raises(module.MAISSegmentError, match="locked"):
@@ -877,7 +886,7 @@ def test_failure_point_outside_the_volume(started):
     s.T.place(s.include, s.T.ras((30, 25, 95)))  # k = 95 > 39
     result = s.logic.on_points_changed(*s.target, s.include, s.exclude)
     assert result.action == "rejected" and "outside the image" in result.rejected[0]
-    assert "RAS vs LPS" in result.rejected[0] and "Refused" in s.logic.describe(result)
+    assert "RAS vs LPS" in result.rejected[0] and "Point not used" in s.logic.describe(result)
     assert s.include.GetNumberOfControlPoints() == 1  # the refused point was taken away
     assert_unchanged(s)
 

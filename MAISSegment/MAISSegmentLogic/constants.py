@@ -16,3 +16,20 @@ POINTS_ROLE_ATTRIBUTE = "MAISSegment.Role"  # "include" | "exclude" on the point
 POINTS_SEGMENT_ATTRIBUTE = "MAISSegment.SegmentID"
 POINTS_SEGMENTATION_REFERENCE = "MAISSegmentSegmentation"  # node reference role: point list -> segmentation node
 ROLES = ("include", "exclude")
+# Keyboard shortcuts of the panel (while the module is shown). Chosen not to collide with the Segment Editor's (1-0,
+# Shift+1-0, Escape, Space, Z/Y, Ctrl+Z/Ctrl+Y, Q/W, / * , . < >, I) nor SlicerNNInteractive's (P, B, L, S, E, R, T, V,
+# Delete), nor the slice views' (B/F, R, V, G, T, [ ] { }, arrows). Undo/redo use the Segment Editor's keys: one
+# history for the points and the editor's strokes (MAISSegmentLogic.undo_last_change).
+INCLUDE_KEY = "A"
+EXCLUDE_KEY = "X"
+FORGET_KEY = "D"
+UNDO_KEYS = ("Ctrl+Z", "Z")
+REDO_KEYS = ("Ctrl+Y", "Ctrl+Shift+Z", "Y")
+# Slicer's default terminology entry for a segment ("Tissue", SNOMED CT 85756007) in Slicer's serialised format
+# (vtkSlicerTerminologiesModuleLogic): segments MAISSegment writes into get it when they have none, so that a DICOM
+# SEG export is coded. The user refines it in the segment list (double-click the colour).
+DEFAULT_TERMINOLOGY_ENTRY = (
+    "Segmentation category and type - 3D Slicer General Anatomy list"
+    "~SCT^85756007^Tissue~SCT^85756007^Tissue~^^"
+    "~Anatomic codes - DICOM master list~^^~^^"
+)

@@ -6,7 +6,10 @@ all segments within ``undo_budget_bytes`` (``_trim_undo``, oldest first) and und
 labelmaps of every segment it touched, the session (memory included) and the points (``undo``, ``redo``, ``reset``).
 """
 
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from .dependencies import add_library_path
 from .edits import _copy_boxed
@@ -113,6 +116,60 @@ class HistoryMixin:
         self._store_state(target)
         target.protection_stamp = self._protection_stamp(target)
         return self._result(target, "reset", record, 0.0, 0)
+
+    def changed_since_written(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> bool:
+        """Whether the segment differs from what MAISSegment last left in it (its last point, undo or redo): e.g. a
+        Segment Editor stroke since. True when MAISSegment has no record of the segment. Reads the segment's extent."""
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        if target is None or target.edits is None or target.edits.written is None:
+            return True
+        add_library_path()
+        from MAISSegmentLib.mrml_volumes import read_segment_extent
+
+        box, current = read_segment_extent(segmentation_node, segment_id, volume_node)
+        written = target.edits.written
+        if box.empty:
+            return written.count() > 0
+        return int(np.count_nonzero(current)) != written.count() or not np.array_equal(current, written.read(box))
+
+    def undo_last_change(
+        self,
+        segmentation_node: Any,
+        segment_id: str,
+        volume_node: Any,
+        editor_undo: Callable[[], bool] | None = None,
+    ) -> UpdateResult:
+        """Undo (Ctrl+Z) the segment's last change, whoever made it: one history for the points and the Segment
+        Editor's strokes.
+
+        When the segment was changed since MAISSegment's last write (a stroke painted after the last point), or
+        MAISSegment has nothing to undo, ``editor_undo`` (the Segment Editor's undo; returns whether it undid
+        something) is called first; otherwise MAISSegment's last change (voxels, points and memory) is undone.
+        """
+        editor_first = editor_undo is not None and (
+            not self.can_undo(segmentation_node, segment_id, volume_node)
+            or self.changed_since_written(segmentation_node, segment_id, volume_node)
+        )
+        if editor_first and editor_undo():
+            return UpdateResult("editor-undo", model=self.model_label)
+        return self.undo(segmentation_node, segment_id, volume_node)
+
+    def redo_last_change(
+        self,
+        segmentation_node: Any,
+        segment_id: str,
+        volume_node: Any,
+        editor_redo: Callable[[], bool] | None = None,
+    ) -> UpdateResult:
+        """Redo (Ctrl+Y) what :meth:`undo_last_change` undid: MAISSegment's change when the segment still holds what
+        MAISSegment left, else the Segment Editor's (``editor_redo``; returns whether it redid something)."""
+        if self.can_redo(segmentation_node, segment_id, volume_node) and not self.changed_since_written(
+            segmentation_node, segment_id, volume_node
+        ):
+            return self.redo(segmentation_node, segment_id, volume_node)
+        if editor_redo is not None and editor_redo():
+            return UpdateResult("editor-redo", model=self.model_label)
+        return self.redo(segmentation_node, segment_id, volume_node)
 
     def undo(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> UpdateResult:
         """Undo the last change of this segment: exact labelmaps (other segments too), session memory and points."""

@@ -25,6 +25,7 @@ class UpdateResult:
     kept_edits: voxels the user had edited (e.g. painted in the Segment Editor) that the network's mask would have
         changed: they were kept. edited_voxels: all voxels kept as the user's edits in this segment.
     undo_dropped: older operations dropped from the undo history by this call (its byte budget).
+    volume_ml: the segment's volume (mL) as MAISSegment left it, or None when not known.
     """
 
     action: str
@@ -41,6 +42,7 @@ class UpdateResult:
     kept_edits: int = 0
     edited_voxels: int = 0
     undo_dropped: int = 0
+    volume_ml: float | None = None
 
 
 @dataclass

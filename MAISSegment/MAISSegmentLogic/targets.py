@@ -9,9 +9,11 @@ and says what a session's protected voxels depend on (``_overwrite_mode``, ``_pr
 from typing import Any
 
 import slicer
+import vtk
 from slicer.i18n import tr as _
 
 from .constants import (
+    DEFAULT_TERMINOLOGY_ENTRY,
     OVERWRITE_MODES,
 )
 from .dependencies import add_library_path
@@ -77,6 +79,47 @@ class TargetsMixin:
         except BridgeError:
             pass  # a damaged state is not a session: count the voxels
         return count_segment_voxels(segmentation_node, segment_id, volume_node)
+
+    @staticmethod
+    def ensure_terminology(segmentation_node: Any, segment_id: str) -> bool:
+        """Give the segment Slicer's default terminology entry ("Tissue", SNOMED CT) when it has none, so that a DICOM
+        SEG export of what MAISSegment made is coded. A terminology the user (or the Segment Editor) chose is kept.
+        Returns whether the tag was set."""
+        segmentation = None if segmentation_node is None else segmentation_node.GetSegmentation()
+        segment = None if segmentation is None else segmentation.GetSegment(segment_id)
+        if segment is None:
+            return False
+        tag = slicer.vtkSegment.GetTerminologyEntryTagName()
+        value = vtk.reference("")
+        if segment.GetTag(tag, value) and str(value).strip("~^| "):
+            return False
+        segment.SetTag(tag, DEFAULT_TERMINOLOGY_ENTRY)
+        return True
+
+    @staticmethod
+    def create_segmentation(volume_node: Any) -> Any:
+        """A new segmentation node on the volume's geometry, shown in the views (as the Segment Editor makes one)."""
+        scene = volume_node.GetScene()
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(_("Segmentation")))
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        return node
+
+    @classmethod
+    def create_segment(cls, segmentation_node: Any, name: str = "") -> str:
+        """Add an empty segment (Slicer's next default name and colour, or ``name``) with the default terminology;
+        returns its ID. What the panel does when Include is pressed with no segment selected."""
+        segmentation = segmentation_node.GetSegmentation()
+        segment_id = segmentation.AddEmptySegment("", name or "")
+        if not segment_id:
+            raise MAISSegmentError(_("Cannot add a segment to this segmentation."))
+        cls.ensure_terminology(segmentation_node, segment_id)
+        return segment_id
+
+    def can_reset(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> bool:
+        """Whether the segment has points that *Clear segment* would remove."""
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        return bool(target is not None and target.session is not None and target.session.clicks)
 
     def can_undo(self, segmentation_node: Any, segment_id: str, volume_node: Any) -> bool:
         target = self._target(segmentation_node, segment_id, volume_node, create=False)

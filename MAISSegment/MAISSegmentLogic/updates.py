@@ -53,6 +53,16 @@ def _rebuild_session(session: Any, clicks: Sequence[tuple[Sequence[float], bool]
     return session.replace_clicks(clicks)
 
 
+def _segment_volume_ml(target: _Target) -> float | None:
+    """The segment's volume in mL as MAISSegment last left it (its written content, user's kept edits included), or
+    None when unknown. Counts the written mask's own bounding box only, not the whole volume."""
+    session, edits = target.session, target.edits
+    if session is None or edits is None or edits.written is None:
+        return None
+    voxel_mm3 = abs(float(np.linalg.det(np.asarray(session.image.ijk_to_ras, dtype=float)[:3, :3])))
+    return edits.written.count() * voxel_mm3 / 1000.0
+
+
 class UpdatesMixin:
     """The logic's updates from points (see the module docstring)."""
 
@@ -361,6 +371,7 @@ class UpdatesMixin:
             )
             target.made_with = outcome.made_with
             target.rewrite_allowed = target.replace_allowed = False
+            self.ensure_terminology(self._nodes(target)[0], target.segment_id)
         request = outcome.request
         self._sync_points(target, None if request is None else request.seen)
         self._store_state(target)
@@ -396,6 +407,7 @@ class UpdatesMixin:
             rejected=list(rejected),
             kept_edits=0 if record is None else int(record.kept_edits),
             edited_voxels=0 if target.edits is None else target.edits.edited_count(),
+            volume_ml=_segment_volume_ml(target),
         )
         target.last = result
         return result
