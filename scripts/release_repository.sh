@@ -54,7 +54,7 @@ OUT="$(cd "$OUT" && pwd)"
 case "$OUT/" in "$SOURCE"/*) echo "release_repository: $OUT is inside the source repository" >&2; exit 2 ;; esac
 
 COMMIT="$(git -C "$SOURCE" rev-parse --verify "$REF^{commit}")"
-VERSION="$(git -C "$SOURCE" show "$COMMIT:pyproject.toml" | sed -n 's/^version = "\(.*\)"/\1/p' | head -1)"
+VERSION="$( (git -C "$SOURCE" show "$COMMIT:pyproject.toml" 2>/dev/null || true) | sed -n 's/^version = "\(.*\)"/\1/p' | head -1)"
 echo "== exporting the tracked tree of $COMMIT (MAISSegment ${VERSION:-?}) into $OUT"
 git -C "$SOURCE" archive --format=tar "$COMMIT" | tar -x -C "$OUT"
 
