@@ -16,6 +16,15 @@ from .edits import _copy_boxed
 from .records import UpdateResult, _Operation, _Target
 
 
+def _took_in_edits(operation: _Operation) -> bool:
+    """Whether an operation found new user edits (a stroke made since the operation before it) when it wrote."""
+    before, after = operation.edited_before, operation.edited_after
+    if before is None or after is None:
+        return False
+    box = before.box.union(after.box)
+    return not box.empty and not np.array_equal(before.read(box), after.read(box))
+
+
 class HistoryMixin:
     """The logic's segment writes and their undo/redo history (see the module docstring)."""
 
@@ -59,6 +68,7 @@ class HistoryMixin:
         """Record an operation; keep no more session steps than the session itself can undo."""
         self._serial += 1
         operation.serial = self._serial
+        target.stroke_first = False
         target.undo.append(operation)
         target.redo.clear()
         limit = target.session.options.undo_limit
@@ -140,19 +150,38 @@ class HistoryMixin:
         editor_undo: Callable[[], bool] | None = None,
     ) -> UpdateResult:
         """Undo (Ctrl+Z) the segment's last change, whoever made it: one history for the points and the Segment
-        Editor's strokes.
+        Editor's strokes, in the order they were made.
 
-        When the segment was changed since MAISSegment's last write (a stroke painted after the last point), or
-        MAISSegment has nothing to undo, ``editor_undo`` (the Segment Editor's undo; returns whether it undid
-        something) is called first; otherwise MAISSegment's last change (voxels, points and memory) is undone.
+        ``editor_undo`` (the Segment Editor's undo; returns whether it undid something) is called when the last change
+        is a stroke: the segment changed since MAISSegment's last write, or the point just undone had taken in a
+        stroke made before it, or MAISSegment has nothing to undo (or cannot: the stroke overlaps its change).
+        Otherwise MAISSegment's last change (voxels, points and memory) is undone.
         """
-        editor_first = editor_undo is not None and (
+        add_library_path()
+        from MAISSegmentLib.mrml_writing import EditedSinceError
+
+        target = self._target(segmentation_node, segment_id, volume_node, create=False)
+        tried_editor = False
+        if editor_undo is not None and (
             not self.can_undo(segmentation_node, segment_id, volume_node)
+            or target.stroke_first
             or self.changed_since_written(segmentation_node, segment_id, volume_node)
-        )
-        if editor_first and editor_undo():
+        ):
+            tried_editor = True
+            if editor_undo():
+                if target is not None:
+                    target.stroke_first = False
+                return UpdateResult("editor-undo", model=self.model_label)
+        try:
+            result = self.undo(segmentation_node, segment_id, volume_node)
+        except EditedSinceError:
+            if editor_undo is None or tried_editor or not editor_undo():
+                raise
+            target.stroke_first = False
             return UpdateResult("editor-undo", model=self.model_label)
-        return self.undo(segmentation_node, segment_id, volume_node)
+        if result.action == "undo" and target.redo:
+            target.stroke_first = _took_in_edits(target.redo[-1])
+        return result
 
     def redo_last_change(
         self,
@@ -198,6 +227,7 @@ class HistoryMixin:
                     target.edits.edited = _copy_boxed(edited)
             self._others_wrote(target, record, "after" if redo else "before")
         stack.pop()
+        target.stroke_first = False
         for _step in range(operation.steps):
             target.session.redo() if redo else target.session.undo()
         (target.undo if redo else target.redo).append(operation)

@@ -82,6 +82,7 @@ class _Target:
     rewrite_allowed: bool = False  # the user agreed that the next update rewrites the whole segment (other weights)
     replace_allowed: bool = False  # the user agreed that voxels drawn elsewhere before the first update are replaced
     busy: bool = False  # an update is being computed on the worker: its session must not be read meanwhile
+    stroke_first: bool = False  # the last undone operation had taken in a stroke made before it: undo that next
     used: float = 0.0  # time.monotonic() of its last update (the least recently used sessions are dropped first)
 
     @property
