@@ -598,7 +598,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onEditorNodeModified(self, caller=None, event=None) -> None:
         """The Segment Editor's selection is the panel's: copy it into the parameter node (saved with the scene)."""
         p = self._parameterNode
-        if p is None:
+        if p is None or not self.parent.isEntered:  # the Segment Editor module uses the node meanwhile: not ours
             return
         segmentation, segmentId, volume = editor_selection(self._editorNode)
         node = p.parameterNode if hasattr(p, "parameterNode") else None
@@ -833,7 +833,7 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         other.checked = False
         other.blockSignals(wasBlocked)
         button = self.ui.includeButton if include else self.ui.excludeButton
-        if not self._ensureSegment() or not self._ensureDependencies():
+        if self._selection()[2] is None or not self._ensureDependencies() or not self._ensureSegment():
             wasBlocked = button.blockSignals(True)
             button.checked = False
             button.blockSignals(wasBlocked)

@@ -350,3 +350,36 @@ def test_a_segment_the_user_coded_keeps_its_terminology(mrml, module):
     segmentation.GetSegmentation().GetSegment(other).SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), chosen)
     assert not logic.ensure_terminology(segmentation, other) and _terminology(segmentation, other) == chosen
     assert slicer_module_stubs.MODULE_FILE.is_file()
+
+
+def test_a_stroke_taken_in_by_a_later_point_is_undone_after_that_point(mrml, module):
+    """Point 1, a stroke inside what point 2 rewrites, point 2: Ctrl+Z undoes point 2, then the stroke (the editor's
+    undo, although MAISSegment's record of the segment now holds it), then point 1 - never point 1 over the stroke."""
+    import slicer
+
+    volume, segmentation, ids = module.MAISSegmentTest.make_scene()
+    logic = module.MAISSegmentTest.make_logic()
+    target = (segmentation, ids["target"], volume)
+    include, exclude = logic.get_point_lists(*target[:2])
+    module.MAISSegmentTest.place(include, module.MAISSegmentTest.ras((30, 25, 20)))
+    logic.on_points_changed(*target, include, exclude)
+    after_first = slicer.util.arrayFromSegmentBinaryLabelmap(*target) > 0
+    history = EditorHistory(*target)
+    stroke = after_first.copy()
+    stroke[20, 25, 31:34] = True  # three voxels beside the mask, near point 2: inside the box it rewrites
+    stroke[20, 25, 28] = False
+    history.stroke(stroke)
+    module.MAISSegmentTest.place(include, module.MAISSegmentTest.ras((31, 25, 20)))
+    result = logic.on_points_changed(*target, include, exclude)
+    assert result.action == "add" and logic.edited_voxels(*target) > 0
+    assert logic.undo_last_change(*target, editor_undo=history.undo).action == "undo"
+    assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(*target) > 0, stroke)
+    assert not logic.changed_since_written(*target)  # the record holds the stroke now: the order alone tells
+    assert logic.undo_last_change(*target, editor_undo=history.undo).action == "editor-undo"
+    assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(*target) > 0, after_first)
+    result = logic.undo_last_change(*target, editor_undo=history.undo)
+    assert result.action == "undo" and result.clicks == 0
+    assert not (slicer.util.arrayFromSegmentBinaryLabelmap(*target) > 0).any()
+    # without an editor (the Python console), Ctrl+Z is MAISSegment's own undo
+    result = logic.redo_last_change(*target)
+    assert result.action == "redo" and result.clicks == 1
