@@ -175,7 +175,7 @@ def training_facts(log_csv: Path, batch_size: int) -> str:
     if not rows:
         return f"Training log `{_shown(log_csv)}`: not found."
     n = len(rows)
-    w = min(50, n)
+    w = min(50, max(1, n // 2))  # early and late windows, apart when the run is short
     first, last = rows[:w], rows[-w:]
 
     def mean(rs, key):
@@ -411,7 +411,8 @@ def stage3_text(recipe: dict[str, Any], steps_done: int | None) -> str:
     init = recipe.get("init_checkpoint") or "random initialisation"
     done = f" ({steps_done} done)" if steps_done is not None and steps_done != steps else ""
     return (
-        f"`mais finetune` ({recipe.get('mode')} mode) from `{init}` (0.1.0) with a fresh full-resolution head: "
+        f"`mais finetune` ({recipe.get('mode')} mode) from `{init}` (0.1.0, the file at that path before this "
+        "release) with a fresh full-resolution head: "
         f"{steps} steps{done} of batch {recipe.get('batch_size')}, {frozen}, the head at {lr_fr:g} (fresh), prompt "
         f"encoder + decoder at {recipe.get('lr_prompt_decoder'):g} and memory attention at {lr_mem:g} (both trained "
         f"in 0.1.0), AdamW (weight decay {recipe.get('weight_decay')}), ×0.1 at steps {mil}; "
@@ -584,7 +585,8 @@ def method_legend(res: Results) -> str:
     for name in res.methods:
         if name == res.float16:
             items.append(
-                f"`{name}`: `mais` on the float16 export of the same training checkpoint (the int8 rounding check)"
+                f"`{res.label(name)}`: `mais` on the float16 export of the same training checkpoint "
+                "(the int8 rounding check)"
             )
         elif name in METHOD_NOTES:
             items.append(f"`{name}`: {METHOD_NOTES[name]}")
@@ -756,12 +758,14 @@ def targets_section(
 def latency_section(bench: dict[str, Any] | None) -> str:
     if not bench:
         return "Not measured in this release run (`BENCH=1` runs `mais bench --preset mais-small-fr`)."
-    rows = [
-        (
-            "device",
+    device = None
+    if "device" in bench:
+        device = (
             f"{bench.get('device')} ({bench.get('device_name')}), {bench.get('threads')} threads, torch "
-            f"{bench.get('torch')}, inference {bench.get('inference_dtype', 'float32')}",
-        ),
+            f"{bench.get('torch')}, inference {bench.get('inference_dtype', 'float32')}"
+        )
+    rows = [
+        ("device", device),
         ("encoder (once per ROI)", _ms(bench.get("encoder_seconds"))),
         ("full-resolution features (once per ROI)", _ms(bench.get("fullres_features_seconds"))),
         ("click, memory, 32³ logits", _ms(bench.get("click_seconds_memory"))),
@@ -870,12 +874,14 @@ def limitations(
         ]
         seen = sorted({t["name"] for t in ts if t["name"] in train_names})
         n_seen = sum(t["name"] in train_names for t in ts)
+        unseen = Counter(structure_family(t["name"]) for t in ts if t["name"] not in train_names)
+        kinds = ", ".join(f"{fam} {n}" for fam, n in unseen.most_common())
         if ts:
             items.append(
                 f"**Anatomy**: the TotalSegmentator cases are only in the test split; {n_seen} of their {len(ts)} "
                 f"targets have a structure of the same name in the training data ({', '.join(seen) or 'none'}), the "
-                f"other {len(ts) - n_seen} (ribs, vertebrae, muscles, lung, bowel...) were never labelled in training "
-                "and are reached only through the synthetic targets."
+                f"other {len(ts) - n_seen} ({kinds or 'none'}) were never labelled in training and are reached only "
+                "through the synthetic targets."
             )
     items.append(
         "**Clipped CT**: the BTCV training scans hold only [-125, 275] HU; random window clipping of CT in training "
