@@ -40,6 +40,7 @@ from .checkpoint import build_model
 from .devices import resolve_device
 from .memory import MemoryBank
 from .model.mais import MAISModel
+from .precision import cpu_bf16_speedup
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -206,6 +207,7 @@ def run_bench(
         else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "inference_dtype": str(model.inference_dtype).replace("torch.", ""),
+        "cpu_bf16_speedup": cpu_bf16_speedup(torch.get_num_threads()) if dev.type == "cpu" else None,
         "torch": torch.__version__,
         "preset": preset,
     }
@@ -261,6 +263,7 @@ def format_table(res: dict[str, Any]) -> str:
     rows = [
         ("device", f"{res['device']} ({res['device_name']}), {res['threads']} threads, torch {res['torch']}"),
         ("inference precision", res.get("inference_dtype", "float32")),
+        ("bfloat16 matrix-product speed-up", f"{res['cpu_bf16_speedup']:.1f}x" if res.get("cpu_bf16_speedup") else "-"),
         ("preset", res["preset"]),
         ("encoder, exact speed-up", f"{res['encoder_seconds']:.3f} s"),
         ("encoder, padded reference", f"{res['encoder_reference_seconds']:.3f} s"),

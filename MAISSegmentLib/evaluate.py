@@ -5,7 +5,8 @@ Methods, compared in one run on the same targets:
 * ``mais``: the model with memory; ``no-memory``: the same weights with the memory off (the paper's
   Ft-SAM3D), both with the default :class:`SessionOptions` (ROIs grow only from the mask connected to include
   points); ``mais-grow-all``: ``mais`` with ``grow_connected=False`` (ROIs grow from any part of the mask, as
-  before that option); ``ckpt:FILE``: another checkpoint (with memory if it has one);
+  before that option); ``mais-no-zoom``: ``mais`` with ``zoom=False`` (every ROI at 1.5 mm); ``ckpt:FILE``:
+  another checkpoint (with memory if it has one);
 * ``growcut``: Slicer's Grow from seeds (``vtkImageGrowCutSegment`` from slicer-core) seeded with the
   same kind of clicks, restricted to the region the model sees (the 192 mm ROI box of the first click).
 
@@ -55,9 +56,12 @@ def target_seed(seed: int, case_id: str, label: int) -> int:
 class ModelMethod:
     """A network method: clicks go through an :class:`InteractiveSession` on the original grid."""
 
-    def __init__(self, model: MAISModel, use_memory: bool, memory_size: int = 60, grow_connected: bool = True) -> None:
+    def __init__(
+        self, model: MAISModel, use_memory: bool, memory_size: int = 60, grow_connected: bool = True, zoom: bool = True
+    ) -> None:
         self.model, self.use_memory, self.memory_size = model, use_memory and model.has_memory, memory_size
         self.grow_connected = grow_connected  # SessionOptions.grow_connected (False: the ``mais-grow-all`` method)
+        self.zoom = zoom  # SessionOptions.zoom (False: the ``mais-no-zoom`` method)
         self.session: InteractiveSession | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -68,13 +72,17 @@ class ModelMethod:
             "memory": self.use_memory,
             "memory_size": self.memory_size if self.use_memory else 0,
             "grow_connected": self.grow_connected,
+            "zoom": self.zoom,
         }
 
     def start(self, volume: Volume) -> None:
         self.session = InteractiveSession(
             self.model,
             SessionOptions(
-                use_memory=self.use_memory, memory_size=self.memory_size, grow_connected=self.grow_connected
+                use_memory=self.use_memory,
+                memory_size=self.memory_size,
+                grow_connected=self.grow_connected,
+                zoom=self.zoom,
             ),
         )
         self.session.set_image(volume)

@@ -3,7 +3,10 @@
 A click runs the prompt encoder, the memory attention and the mask decoder: mostly ``(512 tokens x 384)`` matrix
 products (the memory attention's MLP alone is 0.8 G multiply-adds). On CPUs with native bfloat16 (AVX512-BF16, AMX:
 recent Xeon and EPYC) they run ~5x faster in bfloat16; on others bfloat16 is emulated and slower. ``"auto"`` therefore
-measures it once per process (a ~20 ms probe) and picks bfloat16 only where it wins by a clear margin. The built-in
+picks bfloat16 only on a CPU that announces native bfloat16 instructions (``avx512_bf16`` or ``amx_bf16`` in
+``/proc/cpuinfo``), a fixed property of the machine: a timed probe would choose differently on a busy machine, and a
+saved session must replay to the same mask in every process (:func:`cpu_bf16_speedup` measures the gain for
+``mais bench``). The built-in
 model was trained under bfloat16 autocast (``--cpu-bf16``), so its accuracy does not depend on the choice (the model
 card gives both figures).
 
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,7 +32,7 @@ from .errors import ConfigError
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 ENV_VAR = "MAIS_PRECISION"
-_MIN_SPEEDUP = 1.5  # bfloat16 must be at least this much faster than float32 on the probe to be chosen
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags (Linux names) of native bfloat16 matrix instructions
 
 
 def check_precision(name: object) -> str:
@@ -35,6 +40,20 @@ def check_precision(name: object) -> str:
     if name not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     return str(name)
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """Whether the CPU lists native bfloat16 instructions (:data:`NATIVE_BF16_FLAGS`). Read from ``/proc/cpuinfo``
+    on Linux; False elsewhere (macOS, Windows: float32 unless asked for)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    flags = {word for line in text.splitlines() if line.startswith("flags") for word in line.split()}
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
 @functools.cache
@@ -64,8 +83,8 @@ def cpu_bf16_speedup(threads: int | None = None) -> float:
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """The dtype that ``name`` means on ``device`` (after the ``MAIS_PRECISION`` override).
 
-    ``auto``: bfloat16 on a CUDA GPU that supports it, on a CPU where :func:`cpu_bf16_speedup` is at least 1.5, else
-    float32 (always on MPS).
+    ``auto``: bfloat16 on a CUDA GPU that supports it and on a CPU with native bfloat16 instructions
+    (:func:`cpu_has_native_bf16`), else float32 (always on MPS).
 
     Raises:
         ConfigError: an unknown name (in the argument or in ``MAIS_PRECISION``).
@@ -86,7 +105,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_bf16_speedup(torch.get_num_threads()) >= _MIN_SPEEDUP else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return torch.float32
 
 

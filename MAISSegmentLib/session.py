@@ -50,6 +50,8 @@ MAX_CLICKS = 500  # clicks per object: each click is kept in the ROI's prompt an
 # forgotten point, a resumed state) replays all of them; at ~50 ms a click 500 clicks replay in about half a minute
 MAX_ROIS = 125  # ROIs per object (5x5x5 windows of 192 mm: a whole-body structure); each costs an encoder run
 MAX_NEW_ROIS_PER_CLICK = 8  # encoder runs a click may add by growth (about a second each on a CPU)
+ROI_SPACING = 1.5  # mm: the ROI voxel size the network was trained at (a 192 mm window at 128^3)
+ZOOM_LEVELS = (1.0, 0.75, 0.5, 0.375, 0.25)  # finer ROI voxel sizes (mm) zoom chooses from (bounded by the option)
 DEFAULT_UNDO_BYTES = 256 * 2**20  # undo history kept per session (compressed patches + model states)
 
 
@@ -69,6 +71,10 @@ class SessionOptions:
     # over 12 clicks; see the model card). False: grow from any part of the mask (as states saved before it did)
     blend_margin: float = 16.0  # ROI voxels over which overlapping ROIs cross-fade
     click_margin: float = 4.0  # a click within this many ROI voxels of a face opens a new ROI
+    zoom: bool = True  # the ROI's voxel size follows the object: a small one is segmented again on a finer grid
+    # (see InteractiveSession._zoom); False: every ROI at ROI_SPACING (as states saved before it did)
+    zoom_min_spacing: float = 0.75  # mm: the finest ROI voxel size zoom may choose (a 96 mm window at 128^3)
+    zoom_fill: float = 0.5  # zoom in until the object spans at most this fraction of the ROI's edge
     max_image_voxels: int = 2_000_000_000  # refuse larger images (the mask alone needs 1 byte/voxel)
     undo_limit: int = 200  # operations kept for undo
     undo_bytes: int = DEFAULT_UNDO_BYTES  # bytes of undo history kept (oldest operations dropped first)
@@ -92,6 +98,12 @@ class SessionOptions:
             raise ConfigError(f"blend_margin must be in (0, 64] ROI voxels, got {self.blend_margin}")
         if not 0 <= self.click_margin < 32:
             raise ConfigError(f"click_margin must be in [0, 32) ROI voxels, got {self.click_margin}")
+        if not 0.25 <= self.zoom_min_spacing <= ROI_SPACING:
+            raise ConfigError(
+                f"zoom_min_spacing must be between 0.25 and {ROI_SPACING} mm, got {self.zoom_min_spacing}"
+            )
+        if not 0.1 <= self.zoom_fill <= 1.0:
+            raise ConfigError(f"zoom_fill must be between 0.1 and 1 (a fraction of the ROI edge), got {self.zoom_fill}")
         if self.max_image_voxels < 8:
             raise ConfigError("max_image_voxels is too small")
         if not 0 <= self.undo_limit <= 100_000:
@@ -278,6 +290,7 @@ def parse_state(state: Any) -> tuple[SessionOptions, list[Click]]:
     saved = dict(saved)
     # states written before grow_connected existed grew from any part of the mask: replay them that way
     saved.setdefault("grow_connected", False)
+    saved.setdefault("zoom", False)  # and before zoom existed, every ROI was at ROI_SPACING
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(SessionOptions)})
     if unknown:
         raise ConfigError(f"the session state has unknown option(s) {', '.join(unknown)} (made by a newer version?)")
@@ -658,14 +671,18 @@ class InteractiveSession:
             )
         return ijk
 
-    def _new_roi_state(self, center: np.ndarray) -> _RoiState:
+    def _new_roi_state(self, center: np.ndarray, spacing: float | None = None) -> _RoiState:
+        """A new ROI centred at ``center`` (RAS mm) with the object's voxel size (the first ROI's: zoom decides it
+        once per object), or ``spacing``."""
+        if spacing is None:
+            spacing = self._rois[0].roi.spacing if self._rois else ROI_SPACING
         if len(self._rois) >= self.options.max_rois:
             raise PromptError(
                 f"this object already spans {len(self._rois)} ROIs (max_rois); raise max_rois or start a new segment"
             )
         bank = self.model.new_memory_bank(capacity=self.options.memory_size) if self.options.use_memory else None
         size = self.model.cfg.image_encoder.img_size
-        state = _RoiState(Roi(tuple(float(x) for x in center), size=size, spacing=1.5), bank=bank)
+        state = _RoiState(Roi(tuple(float(x) for x in center), size=size, spacing=spacing), bank=bank)
         self._rois.append(state)
         return state
 
@@ -720,13 +737,48 @@ class InteractiveSession:
         """Route a click to the ROIs containing it (or a new one), then grow ROIs. Returns True."""
         ras = np.asarray(click.ras)
         targets = [st for st in self._rois if st.roi.contains(ras, margin=self.options.click_margin)]
+        first = not self._rois
         if not targets:
             targets = [self._new_roi_state(ras)]
         for st in targets:
             self._step(st, st.roi.ras_to_roi(ras), int(click.include), index)
+        if first and self.options.zoom and click.include:
+            targets = self._zoom(targets[0], ras, index)
         if self.options.grow_rois:
             self._grow(targets)
         return True
+
+    def zoom_spacing(self, st: _RoiState) -> float:
+        """The ROI voxel size (mm) for the object that ROI ``st`` predicts after its first click.
+
+        The object's extent is read off the ROI's low-res mask (its part connected to the include click): the
+        largest of its three sides, in mm. The finest of :data:`ZOOM_LEVELS` (not finer than
+        ``options.zoom_min_spacing``) at which that extent still fits in ``options.zoom_fill`` of the ROI edge; the
+        ROI's own voxel size when no finer one fits or the mask reaches a ROI face (a large object: neighbouring ROIs
+        follow it at this voxel size, without seams). An empty mask (an object below the 6 mm low-res grid, or
+        missed) takes the finest level."""
+        pos = (st.prev[0, 0] > 0).cpu().numpy()
+        pos = connected_to_includes(pos, st.points, st.labels, st.roi.size)
+        if pos[[0, -1]].any() or pos[:, [0, -1]].any() or pos[:, :, [0, -1]].any():
+            return st.roi.spacing
+        idx = np.argwhere(pos)
+        low_voxel_mm = st.roi.spacing * st.roi.size / pos.shape[0]
+        extent = float((idx.max(0) - idx.min(0) + 1).max()) * low_voxel_mm if len(idx) else 0.0  # nothing seen at
+        # this grid: smaller than a low-res voxel, or missed; the finest level takes a closer look
+        allowed = [s for s in ZOOM_LEVELS if self.options.zoom_min_spacing - 1e-9 <= s < st.roi.spacing]
+        fits = [s for s in allowed if extent <= self.options.zoom_fill * st.roi.size * s]
+        return min(fits, default=st.roi.spacing)
+
+    def _zoom(self, st: _RoiState, ras: np.ndarray, index: int) -> list[_RoiState]:
+        """After an object's first click: if the object is small (:meth:`zoom_spacing`), segment it again in a ROI
+        of finer voxels centred on the click, which replaces ``st``. Returns the ROI(s) the click updated."""
+        spacing = self.zoom_spacing(st)
+        if spacing >= st.roi.spacing:
+            return [st]
+        self._rois.remove(st)
+        finer = self._new_roi_state(ras, spacing=spacing)
+        self._step(finer, finer.roi.ras_to_roi(ras), 1, index)
+        return [finer]
 
     def _grow(self, updated: list[_RoiState]) -> None:
         """Add neighbouring ROIs where a prediction reaches a ROI face and the image continues."""

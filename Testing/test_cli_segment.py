@@ -34,7 +34,7 @@ def case(tmp_path_factory):
 
 
 def expected_mask(case, clicks) -> np.ndarray:
-    model = build_model(None, checkpoint=CKPT)
+    model = build_model(None, checkpoint=CKPT, precision="auto")  # as `mais segment` builds it
     s = InteractiveSession(model)
     s.set_image(read_volume(case / "image.nii.gz"))
     for p, inc in clicks:

@@ -75,11 +75,18 @@ def test_training_ignores_the_inference_precision(tiny_fr):
     assert torch.equal(again, outs[0])
 
 
-def test_auto_follows_the_measured_speedup_and_the_environment_overrides(monkeypatch):
+def test_auto_follows_the_cpus_native_bfloat16_and_the_environment_overrides(monkeypatch, tmp_path):
     monkeypatch.delenv(precision_mod.ENV_VAR, raising=False)
-    monkeypatch.setattr(precision_mod, "cpu_bf16_speedup", lambda threads=None: 3.0)
+    zen4 = tmp_path / "zen4"
+    zen4.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+    zen2 = tmp_path / "zen2"
+    zen2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\nbugs\t\t: avx512_bf16_is_not_a_flag_here\n")
+    if precision_mod.sys.platform.startswith("linux"):
+        assert precision_mod.cpu_has_native_bf16(zen4) and not precision_mod.cpu_has_native_bf16(zen2)
+    assert not precision_mod.cpu_has_native_bf16(tmp_path / "missing")
+    monkeypatch.setattr(precision_mod, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", CPU) == torch.bfloat16
-    monkeypatch.setattr(precision_mod, "cpu_bf16_speedup", lambda threads=None: 0.7)  # emulated bfloat16
+    monkeypatch.setattr(precision_mod, "cpu_has_native_bf16", lambda: False)  # emulated bfloat16: slower
     assert resolve_precision("auto", CPU) == torch.float32
     assert resolve_precision("bfloat16", CPU) == torch.bfloat16
     monkeypatch.setenv(precision_mod.ENV_VAR, "float32")
