@@ -206,7 +206,7 @@ def test_card_and_registry_from_the_release_files(release):
     assert "| bone/cartilage | 52 | 0.750 | 0.560 | 0.700 | 0.740 | 0.735 | 0.988 | – |" in card  # not the ref's 23
     assert "| heart | 7 | 0.750 | 0.560 | 0.700 | 0.740 | 0.735 | 0.988 | 0.333 |" in card  # RV, Myo, LV, atrium
     assert "not re-measured" in card and "2bd4fd1" in card and "23d7fdf" in card
-    assert "`--precision auto` chose bfloat16" in card
+    assert "`--precision auto` resolved to bfloat16 on this CPU (bfloat16 matrix products measured 4.2× as fast" in card
     # issue 12's targets, computed: margins and met / missed
     assert "| Dice@1 with memory (aim 0.60) | ≥ 0.45 | 0.500 | +0.050 | met |" in card
     assert "| Dice@10 with memory (aim 0.85) | ≥ 0.72 | 0.750 | +0.030 | met |" in card

@@ -628,11 +628,16 @@ def precision_text(precision: dict[str, Any] | None) -> str:
     used, asked = precision.get("used"), precision.get("requested", "auto")
     how = ""
     if asked == "auto":
-        speed = precision.get("bf16_speedup")
+        speed, native = precision.get("bf16_speedup"), precision.get("native_bf16")
+        why = []
+        if native is not None:
+            why.append(f"native bfloat16 instructions {'present' if native else 'absent'}")
+        if speed:
+            why.append(f"bfloat16 matrix products measured {speed:.1f}× as fast as float32")
+        why.append(f"{precision.get('threads')} threads")
         how = (
-            f"`--precision auto` chose {used} on this CPU"
-            + (f" (bfloat16 matrix products {speed:.1f}× faster on its probe" if speed else " (")
-            + f", {precision.get('threads')} threads), and the run was pinned to it (`--precision {used}`)"
+            f"`--precision auto` resolved to {used} on this CPU ({', '.join(why)}), and the run was pinned to it "
+            f"(`--precision {used}`)"
         )
     else:
         how = f"`--precision {used}` as asked"

@@ -8,7 +8,7 @@
 # Give every step of one release the same variables (register reads the files the chosen steps wrote):
 #   CKPT     training checkpoint (runs/mais-small-shared-fr/last.pth); LOG its log.csv (same folder)
 #   VERSION  0.2.0; DTYPE storage of the bundled file, int8 (float16 does not fit the 25 MB limit)
-#   PRECISION  inference precision of the figures: auto (default) is resolved once here (bfloat16 on a CPU with fast
+#   PRECISION  inference precision of the figures: auto (default) is resolved once here (bfloat16 on a CPU with native
 #            bfloat16) and every command is pinned to what it chose, so the card can say what the figures used
 #   GROWCUT=1  also Slicer's Grow from seeds in the test-split run (over an hour on this CPU); without it the card
 #            quotes the Grow-from-seeds figures of 0.1.0's release runs (same split and robot; weights play no part)
@@ -56,7 +56,7 @@ mkdir -p "$OUT" Resources/models
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 on() { [[ "${!1:-0}" == 1 ]]; }
 
-# PRECISION=auto -> what it means on this CPU, measured once (precision.py's probe) and recorded for the card
+# PRECISION=auto -> what it means on this CPU (MAISSegmentLib/precision.py), resolved once and recorded for the card
 resolve_precision() {
   if [[ ! -f "$OUT/precision.json" ]] || [[ "$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["requested"])' "$OUT/precision.json")" != "$PRECISION" ]]; then
     .venv/bin/python - "$PRECISION" > "$OUT/precision.json" <<'EOF'
@@ -64,12 +64,14 @@ import json, sys
 
 import torch
 
-from MAISSegmentLib.precision import cpu_bf16_speedup, resolve_precision
+from MAISSegmentLib import precision as p
 
 asked = sys.argv[1]
-used = str(resolve_precision(asked, torch.device("cpu"))).replace("torch.", "")
-speed = cpu_bf16_speedup(torch.get_num_threads()) if asked == "auto" else None
-print(json.dumps({"requested": asked, "used": used, "bf16_speedup": speed, "threads": torch.get_num_threads()}))
+used = str(p.resolve_precision(asked, torch.device("cpu"))).replace("torch.", "")
+speed = p.cpu_bf16_speedup(torch.get_num_threads()) if asked == "auto" else None
+native = p.cpu_has_native_bf16() if hasattr(p, "cpu_has_native_bf16") else None  # auto's rule, where it is by flags
+out = {"requested": asked, "used": used, "bf16_speedup": speed, "native_bf16": native, "threads": torch.get_num_threads()}
+print(json.dumps(out))
 EOF
   fi
   USED="$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["used"])' "$OUT/precision.json")"
