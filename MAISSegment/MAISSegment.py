@@ -64,10 +64,16 @@ from MAISSegmentLogic.dependencies import (
     read_requirements,
     slicer_python,
 )
+from MAISSegmentLogic.documentation import help_link_html
 from MAISSegmentLogic.edits import EditsMixin
 from MAISSegmentLogic.errors import MAISSegmentError, RewriteNeeded
 from MAISSegmentLogic.history import HistoryMixin
 from MAISSegmentLogic.learning import LearnCandidate, LearningMixin
+from MAISSegmentLogic.licence import (
+    record_weights_licence_acceptance,
+    registered_default_model,
+    weights_licence_question,
+)
 from MAISSegmentLogic.models import ModelChoice, ModelsMixin
 from MAISSegmentLogic.points import PointListsMixin, UpdatePlan, plan_update
 from MAISSegmentLogic.records import UpdateOutcome, UpdateRequest, UpdateResult, _Target
@@ -166,7 +172,7 @@ class MAISSegment(ScriptedLoadableModule):
         self.parent.title = _("MAIS Segment")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["MAISSegment developers"]
+        self.parent.contributors = ["MAISSegment contributors (MAISSegment open-source project)"]
         self.parent.helpText = _(
             "Interactive 3-D segmentation: place include (+) and exclude (−) points and a network running on this "
             "computer (CPU or GPU) refines the selected segment after each point. The MAIS memory remembers every "
@@ -174,7 +180,7 @@ class MAISSegment(ScriptedLoadableModule):
             "undo, redo and forget any point; the points and the memory are saved with the scene. Only the changed "
             "region is written, honouring the Segment Editor's masking settings."
         )
-        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.helpText += help_link_html()  # the user guide shipped with the module (a page that exists)
         self.parent.acknowledgementText = _(
             "The network is a SAM-Med3D-compatible backbone (Wang et al.) with the MAIS memory attention "
             "(Orbes-Arteaga et al., MIDL 2025). Built on 3D Slicer's scripted-module template."
@@ -804,6 +810,20 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshModels()
         self._setStatus(_("PyTorch is installed: place your point again."))
 
+    def _ensureWeightsLicence(self) -> bool:
+        """Before the first point with a model whose weights are research / non-commercial only (the built-in one):
+        ask once; the answer is kept in Slicer's settings (MAISSegmentLogic.licence) and asked again only if the
+        licence text changes. No: nothing is placed."""
+        modelId = (self._parameterNode.modelId if self._parameterNode is not None else "") or registered_default_model()
+        question = weights_licence_question(modelId) if modelId else None
+        if question is None:
+            return True
+        if not slicer.util.confirmYesNoDisplay(question, _("MAISSegment: licence of the model's weights")):
+            self._setStatus(_("The model '{model}' is not used until its licence is accepted.").format(model=modelId))
+            return False
+        record_weights_licence_acceptance(modelId)
+        return True
+
     def _ensureSegment(self) -> bool:
         """Before placing: a segment to place on. Without one (a fresh scene), one is created and selected in the
         segment list, with Slicer's default terminology; the user renames it there."""
@@ -833,7 +853,12 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         other.checked = False
         other.blockSignals(wasBlocked)
         button = self.ui.includeButton if include else self.ui.excludeButton
-        if self._selection()[2] is None or not self._ensureDependencies() or not self._ensureSegment():
+        if (
+            self._selection()[2] is None
+            or not self._ensureDependencies()
+            or not self._ensureWeightsLicence()
+            or not self._ensureSegment()
+        ):
             wasBlocked = button.blockSignals(True)
             button.checked = False
             button.blockSignals(wasBlocked)

@@ -217,6 +217,19 @@ def test_permissive_unknown_and_imported_weights_need_no_acceptance(module, tmp_
     assert licence.pending_weights_licence("y", settings, str(registry)) is None
     licence.record_weights_licence_acceptance("y", settings=settings, registry=str(registry))
     assert settings == {}  # nothing to accept, nothing recorded
+    assert licence.registered_default_model(str(registry)) is None
+
+
+def test_a_point_with_the_default_model_asks_about_its_licence_first(module):
+    """With no model chosen in Advanced, the first point uses the registry's default: the built-in model, whose
+    weights are research / non-commercial; the panel asks before anything is placed, and the module's text says so."""
+    licence = importlib.import_module("MAISSegmentLogic.licence")
+    default = licence.registered_default_model()
+    assert default == "mais-small-shared" and licence.weights_licence_question(default, FakeSettings())
+    widget = (MODULE_DIR / "MAISSegment.py").read_text()
+    toggled = widget[widget.index("def onPlaceToggled") : widget.index("def onPlaceIncludeShortcut")]
+    assert toggled.index("self._ensureWeightsLicence()") < toggled.index("self._ensureSegment()")
+    assert "help_link_html()" in widget and "getDefaultModuleDocumentationLink" not in widget
 
 
 def test_the_description_says_the_bundled_weights_are_non_commercial():

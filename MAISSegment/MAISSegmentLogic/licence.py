@@ -49,6 +49,15 @@ def registered_licence(model_id: str, registry: str | None = None) -> str | None
     return None
 
 
+def registered_default_model(registry: str | None = None) -> str | None:
+    """The registry's default model id (the one a point uses when none is chosen in Advanced), or None."""
+    path = registry or registry_path()
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh).get("default") or None
+
+
 def licence_needs_acceptance(licence: str | None) -> bool:
     """Whether a licence restricts the use of the weights (research / non-commercial): then the user accepts it."""
     text = (licence or "").lower()
