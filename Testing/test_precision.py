@@ -107,3 +107,27 @@ def test_unknown_precisions_are_refused_before_anything_is_built(bad, monkeypatc
         build_model("sam-med3d-tiny", precision=bad)
     with pytest.raises(ConfigError, match="not supported on MPS"):
         resolve_precision("bfloat16", torch.device("mps"))
+
+
+def test_the_memorys_low_precision_weights_follow_weight_updates(tiny_fr):
+    """The bfloat16 copies of the memory attention's weights are made once per set of weights: an in-place update
+    (an optimizer step, load_state_dict) is seen at the next click, exactly as with no cached copies."""
+    ma = tiny_fr.memory_attention
+    emb = torch.randn(1, *tiny_fr.dense_pe().shape[1:], generator=torch.Generator().manual_seed(4))
+    bank = tiny_fr.new_memory_bank()
+    with torch.inference_mode():
+        for _ in range(2):
+            bank.push(torch.randn(1, emb.shape[1]), torch.randn(emb.shape[1:]))
+    pe = tiny_fr.dense_pe()
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return ma(emb, pe, bank)
+
+    first = run()
+    assert torch.equal(run(), first)  # the cached copies give the same numbers
+    with torch.no_grad():
+        ma.mlp[2].weight.add_(0.05)
+    updated = run()
+    ma.__dict__.pop("_low_precision", None)  # no cache: copies made afresh
+    assert torch.equal(run(), updated) and not torch.equal(updated, first)

@@ -96,11 +96,37 @@ class MemoryAttention(nn.Module):
         if entry.dense is not None:
             normed = self.dense_norm(entry.dense.unsqueeze(0))
             # the query is only ever used while the entry is the newest, but it is computed here, once
-            proj["dense_k"] = self.dense_k(normed).reshape(self.dense_dim, -1)  # (d, G^3)
-            proj["dense_v"] = self.dense_v(normed).reshape(self.dense_dim, -1)
-            proj["dense_q"] = self.dense_q(normed).reshape(self.dense_dim, -1)
+            # float32 even under a bfloat16 autocast: the readout over N memories is element-wise work, which a CPU
+            # does slower in bfloat16 than in float32
+            proj["dense_k"] = self.dense_k(normed).reshape(self.dense_dim, -1).float()  # (d, G^3)
+            proj["dense_v"] = self.dense_v(normed).reshape(self.dense_dim, -1).float()
+            proj["dense_q"] = self.dense_q(normed).reshape(self.dense_dim, -1).float()
         entry.cache["key"], entry.cache["proj"] = key, proj
         return proj
+
+    # ------------------------------------------------------------------------- low-precision inference
+    def _linear(self, layer: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``layer(x)`` (a Linear, or a 1x1x1 Conv3d's ``weight`` flattened, on ``(..., C)`` tokens).
+
+        Under a bfloat16 autocast without autograd (``MAISModel.inference_dtype``), the weights' low-precision copies
+        are made once per set of weights (the ``_cache_key`` of :meth:`project_entry`) instead of at every click:
+        autocast alone re-casts each weight at each call, which made the memory's share of a click on a CPU ~40%
+        copies."""
+        w = layer.weight if weight is None else weight
+        device = x.device.type
+        if torch.is_grad_enabled() or not torch.is_autocast_enabled(device):
+            return F.linear(x, w, layer.bias)
+        dtype = torch.get_autocast_dtype(device)
+        key = (self._cache_key(), dtype)
+        cache = self.__dict__.setdefault("_low_precision", {"key": None})
+        if cache["key"] != key:
+            cache.clear()
+            cache["key"] = key
+        pair = cache.get(id(layer))
+        if pair is None:
+            bias = None if layer.bias is None else layer.bias.to(dtype)
+            pair = cache[id(layer)] = (w.to(dtype), bias)
+        return F.linear(x.to(dtype), *pair)
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, bank: MemoryBank) -> torch.Tensor:
@@ -125,8 +151,12 @@ class MemoryAttention(nn.Module):
             memory = self._sparse_self_attention(bank, projs)  # (1, T, C)
             q = self.cross_norm(x) + image_pe.flatten(2).transpose(1, 2)
             mem = self.cross_memory_norm(memory)
-            x = x + self.cross_out(self._mha(self.cross_q(q), self.cross_k(mem), self.cross_v(mem)))
-        x = x + self.mlp(self.mlp_norm(x))
+            attended = self._mha(
+                self._linear(self.cross_q, q), self._linear(self.cross_k, mem), self._linear(self.cross_v, mem)
+            )
+            x = x + self._linear(self.cross_out, attended)
+        hidden = F.relu(self._linear(self.mlp[0], self.mlp_norm(x)))
+        x = x + self._linear(self.mlp[2], hidden)
         x = self.final_norm(x)
         return x.transpose(1, 2).reshape(1, c, g0, g1, g2)
 
@@ -167,13 +197,13 @@ class MemoryAttention(nn.Module):
         # broadcast multiply-sum: on CPU several times faster than einsum/bmm at these shapes
         weights = torch.softmax((q.unsqueeze(0) * k).sum(1) * self.dense_dim**-0.5, dim=0)  # (n, V)
         out = (weights.unsqueeze(1) * v).sum(0)  # (d, V)
-        return F.linear(out.t(), self.dense_out.weight.flatten(1), self.dense_out.bias)  # (V, C)
+        return self._linear(self.dense_out, out.t(), self.dense_out.weight.flatten(1))  # (V, C)
 
     def _sparse_self_attention(self, bank: MemoryBank, projs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         tokens = torch.cat([e.sparse for e in bank.entries]).unsqueeze(0)  # (1, T, C)
         qkv = torch.cat([p["sparse_qkv"] for p in projs]).unsqueeze(0)  # (1, T, 3C)
         q, k, v = qkv.chunk(3, dim=-1)
-        return tokens + self.sparse_out(self._mha(q, k, v))
+        return tokens + self._linear(self.sparse_out, self._mha(q, k, v))
 
     def _mha(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Multi-head attention of projected ``q (1, Nq, C)`` over ``k``/``v`` ``(1, Nk, C)``."""
