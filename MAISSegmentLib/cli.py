@@ -243,7 +243,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         default="mais,no-memory,growcut",
-        help="mais, no-memory, mais-grow-all, mais-no-zoom, growcut, ckpt:FILE, oracle-32, oracle-64, oracle-128 (the "
+        help="mais, no-memory, mais-grow-all, mais-zoom, growcut, ckpt:FILE, oracle-32, oracle-64, oracle-128 (the "
         "ceiling of an output grid, computed from the truth with no model)",
     )
     _add_model_choice(p, "weights for the mais / no-memory methods")
@@ -325,7 +325,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 use_memory=name != "no-memory",
                 memory_size=args.memory_size,
                 grow_connected=name != "mais-grow-all",
-                zoom=name != "mais-no-zoom",
+                zoom=name == "mais-zoom",
             )
         elif name == "growcut":
             methods[name] = GrowCutMethod()
@@ -363,7 +363,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # evaluation methods on the --checkpoint/--model weights
-_MODEL_METHODS = ("mais", "no-memory", "mais-grow-all", "mais-no-zoom")
+_MODEL_METHODS = ("mais", "no-memory", "mais-grow-all", "mais-zoom")
 _EVAL_METHODS = (*_MODEL_METHODS, "growcut")  # besides ckpt:FILE and the oracles (evaluate.ORACLE_METHODS)
 
 

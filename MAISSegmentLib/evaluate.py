@@ -5,8 +5,8 @@ Methods, compared in one run on the same targets:
 * ``mais``: the model with memory; ``no-memory``: the same weights with the memory off (the paper's
   Ft-SAM3D), both with the default :class:`SessionOptions` (ROIs grow only from the mask connected to include
   points); ``mais-grow-all``: ``mais`` with ``grow_connected=False`` (ROIs grow from any part of the mask, as
-  before that option); ``mais-no-zoom``: ``mais`` with ``zoom=False`` (every ROI at 1.5 mm); ``ckpt:FILE``:
-  another checkpoint (with memory if it has one);
+  before that option); ``mais-zoom``: ``mais`` with ``zoom=True`` (the ROI's voxel size follows the object);
+  ``ckpt:FILE``: another checkpoint (with memory if it has one);
 * ``growcut``: Slicer's Grow from seeds (``vtkImageGrowCutSegment`` from slicer-core) seeded with the
   same kind of clicks, restricted to the region the model sees (the 192 mm ROI box of the first click).
 
@@ -57,11 +57,11 @@ class ModelMethod:
     """A network method: clicks go through an :class:`InteractiveSession` on the original grid."""
 
     def __init__(
-        self, model: MAISModel, use_memory: bool, memory_size: int = 60, grow_connected: bool = True, zoom: bool = True
+        self, model: MAISModel, use_memory: bool, memory_size: int = 60, grow_connected: bool = True, zoom: bool = False
     ) -> None:
         self.model, self.use_memory, self.memory_size = model, use_memory and model.has_memory, memory_size
         self.grow_connected = grow_connected  # SessionOptions.grow_connected (False: the ``mais-grow-all`` method)
-        self.zoom = zoom  # SessionOptions.zoom (False: the ``mais-no-zoom`` method)
+        self.zoom = zoom  # SessionOptions.zoom (True: the ``mais-zoom`` method)
         self.session: InteractiveSession | None = None
 
     def describe(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from test_cli import REPO
 CLICKS = [1, 5, 10, 20]
 MAIS = {"1": 0.50, "5": 0.70, "10": 0.75, "20": 0.80}  # the fake evaluation's Dice of every target, per method
 NO_MEMORY = {"1": 0.50, "5": 0.55, "10": 0.56, "20": 0.57}
-NO_ZOOM = {"1": 0.48, "5": 0.66, "10": 0.70, "20": 0.74}
+ZOOM = {"1": 0.48, "5": 0.66, "10": 0.70, "20": 0.74}
 HALF = {"1": 0.51, "5": 0.70, "10": 0.74, "20": 0.79}
 HALF_METHOD = "ckpt:runs/release/mais-small-shared-float16.pth"
 # structures of the fake test split per source, as many as the real split has targets there
@@ -124,7 +124,7 @@ def release(tmp_path_factory):
     methods = {
         "mais": _method({"id": "mais-small-shared", "sha256": info["weights_sha256"], "grow_connected": True}, MAIS),
         "no-memory": _method({"id": "mais-small-shared", "sha256": info["weights_sha256"]}, NO_MEMORY),
-        "mais-no-zoom": _method({"id": "mais-small-shared", "sha256": info["weights_sha256"], "zoom": False}, NO_ZOOM),
+        "mais-zoom": _method({"id": "mais-small-shared", "sha256": info["weights_sha256"], "zoom": True}, ZOOM),
         HALF_METHOD: _method({"id": "mais-small-shared", "sha256": "0" * 64}, HALF),
         "oracle-32": _method({"id": "oracle-32", "sha256": None}, dict.fromkeys(MAIS, 0.735)),
         "oracle-128": _method({"id": "oracle-128", "sha256": None}, dict.fromkeys(MAIS, 0.988)),
@@ -197,7 +197,7 @@ def test_card_and_registry_from_the_release_files(release):
     assert "Steps 1–20: loss 0.895, training Dice after the last click 0.105; steps 21–40: loss 0.695" in card
     # test-split tables with the given numbers, the precision used, the reference Grow from seeds labelled
     assert "| mais | 0.500 | 0.700 | 0.750 | 0.800 | 0.800 | 0.050 |" in card
-    assert "| mais-no-zoom | 0.480 | 0.660 | 0.700 | 0.740 |" in card
+    assert "| mais-zoom | 0.480 | 0.660 | 0.700 | 0.740 |" in card
     assert "| oracle-128 | 0.988 | 0.988 | 0.988 | 0.988 |" in card
     assert "| mais, float16 file | 0.510 | 0.700 | 0.740 | 0.790 |" in card
     assert "| growcut † | 0.323 | 0.351 | 0.461 | 0.569 | 0.605 |" in card
@@ -217,7 +217,7 @@ def test_card_and_registry_from_the_release_files(release):
     assert "13 of the 14 measured targets met" in card
     # limitations: int8 vs float16, zoom, anatomy seen in training; few-shot of 0.1.0 labelled
     assert "mean Dice −0.010 at 1, +0.000 at 5, +0.010 at 10, +0.010 at 20 clicks (int8 minus float16)" in card
-    assert "+0.020 at 1, +0.040 at 5, +0.050 at 10, +0.060 at 20 clicks" in card
+    assert "−0.020 at 1, −0.040 at 5, −0.050 at 10, −0.060 at 20 clicks" in card
     assert (
         "2 of their 54 targets have a structure of the same name in the training data (liver, spleen), the other 52 "
         "(bone/cartilage 50, solid organ 1, vessel 1)" in card
@@ -274,7 +274,7 @@ def test_release_script_runs_the_documented_commands(tmp_path):
     assert "--dtype int8 --id mais-small-shared --version 0.2.0" in lines[0]
     assert "--dtype float16" in lines[1]
     evals = [line for line in lines if line.startswith("evaluate")]
-    assert "--methods mais,no-memory,mais-no-zoom,ckpt:runs/release/mais-small-shared-float16.pth,oracle-32," \
+    assert "--methods mais,no-memory,mais-zoom,ckpt:runs/release/mais-small-shared-float16.pth,oracle-32," \
            "oracle-128 " in evals[0]  # fmt: skip
     assert ",growcut," in evals[1] and "growcut" not in evals[0]
     assert all("--precision float32" in e and "--split test" in e and "--seed 0" in e for e in evals)

@@ -1,4 +1,5 @@
-"""Zoom (issue 12): the ROI's voxel size follows the object. After an object's first include click, a small object is
+"""Zoom (issue 12, ``SessionOptions(zoom=True)``, off by default until the built-in model is trained at several voxel
+sizes): the ROI's voxel size follows the object. After an object's first include click, a small object is
 segmented again in a ROI of finer voxels centred on the click; a large one keeps the 1.5 mm grid and grows into
 neighbouring ROIs. Geometry is tested with a stand-in network that thresholds the ROI image (so what it predicts
 depends only on the anatomy, at any voxel size); the real network runs the same session code."""
@@ -64,6 +65,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def segment(network, volume, clicks=((CENTRE, True),), **options) -> InteractiveSession:
+    options.setdefault("zoom", True)  # off by default (see SessionOptions.zoom)
     s = InteractiveSession(network, SessionOptions(**options))
     s.set_image(volume)
     for point, include in clicks:

@@ -62,9 +62,9 @@ SOURCE_NAMES = {
     "totalsegmentator": "TotalSegmentator examples (labels are model output)",
 }
 METHOD_NOTES = {
-    "mais": "the released model with memory and zoom (the session defaults)",
+    "mais": "the released model with memory (the session defaults: zoom off)",
     "no-memory": "the same weights with the memory attention off (the paper's Ft-SAM3D baseline)",
-    "mais-no-zoom": "`mais` with zoom off (every ROI at 1.5 mm, as 0.1.0 did)",
+    "mais-zoom": "`mais` with zoom on (`SessionOptions(zoom=True)`: a small object is segmented again on a finer grid)",
     "mais-grow-all": "`mais` with ROIs grown from any part of the mask",
     "growcut": "Slicer's Grow from seeds (`vtkImageGrowCutSegment`) seeded with the same robot's clicks inside the "
     "192 mm box of the first click",
@@ -833,10 +833,10 @@ def limitations(
             "3, on top of a frozen encoder trained for 32³ logits; its 128³ image features come from a light two-level "
             "stem, not from the ViT. It runs in float32 even where the rest runs in bfloat16."
         )
-    if res is not None and "mais-no-zoom" in res.methods and "mais" in res.methods:
-        diffs = {c: res.mean("mais", c) - res.mean("mais-no-zoom", c) for c in res.clicks}
+    if res is not None and "mais-zoom" in res.methods and "mais" in res.methods:
+        diffs = {c: res.mean("mais-zoom", c) - res.mean("mais", c) for c in res.clicks}
         per_src = {
-            s: res.source_mean("mais", s, "10") - res.source_mean("mais-no-zoom", s, "10")
+            s: res.source_mean("mais-zoom", s, "10") - res.source_mean("mais", s, "10")
             for s in _groups(res.methods["mais"], "by_source", res.clicks)
             if "10" in res.clicks
         }
@@ -848,10 +848,11 @@ def limitations(
             else ""
         )
         items.append(
-            "**Zoom** (the ROI's voxel size follows the object) changed the mean Dice by "
+            "**Zoom** (opt-in, `SessionOptions(zoom=True)`: the ROI's voxel size follows the object) changed the mean "
+            "Dice by "
             + ", ".join(f"{_signed(v)} at {c}" for c, v in diffs.items())
-            + f" clicks against the same weights at a fixed 1.5 mm (`mais-no-zoom`){spread}. The model was trained on "
-            "1.5 mm crops only."
+            + f" clicks against the same weights at a fixed 1.5 mm (`mais-zoom` minus `mais`){spread}. The model was "
+            "trained on 1.5 mm crops only, so zoom stays off by default."
         )
     if res is not None and "mais" in res.methods:
         ts = [

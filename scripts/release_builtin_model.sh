@@ -15,7 +15,7 @@
 #   FLOAT16_CHECK=0  skip the float16 export evaluated beside the int8 file (what int8 rounding costs in Dice)
 #   FEWSHOT=1  the few-shot curve (mais fewshot; about an hour); without it the card keeps 0.1.0's, labelled so
 #   BENCH=1    mais bench --preset mais-small-fr (latency of this network's shape) for the card's latency table
-# The test-split run: MAIS / no memory / MAIS without zoom / oracle-32 / oracle-128 (+ growcut, + the float16 file)
+# The test-split run: MAIS / no memory / MAIS with zoom (opt-in) / oracle-32 / oracle-128 (+ growcut, + the float16 file)
 # at 1, 5, 10, 20 clicks, center robot, seed 0. Results go to runs/release/ (not committed); "register" copies the
 # file to Resources/models/, makes it the default in Resources/models.json and writes its card
 # Resources/models/mais-small-shared.md (scripts/register_builtin_model.py, scripts/model_card_template.md).
@@ -94,7 +94,7 @@ if step eval || step demo || step fewshot; then
   resolve_precision
 fi
 if step eval; then
-  METHODS=mais,no-memory,mais-no-zoom
+  METHODS=mais,no-memory,mais-zoom
   if on GROWCUT; then METHODS+=,growcut; fi
   if [[ "${FLOAT16_CHECK:-1}" == 1 ]]; then METHODS+=",ckpt:$HALF"; fi
   METHODS+=,oracle-32,oracle-128
