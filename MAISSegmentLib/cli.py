@@ -458,6 +458,12 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
         default=0.0,
         help="chance that a CT crop is clipped to a random soft-tissue window (robust to clipped CT), 0-1",
     )
+    p.add_argument(
+        "--zoom-prob",
+        type=float,
+        default=0.0,
+        help="chance that a crop is at a finer ROI voxel size (1.0 or 0.75 mm), as zoom shows small objects, 0-1",
+    )
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (from scratch: ~100)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes (resume later)")
@@ -506,6 +512,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr_fullres=args.lr_fullres,
         synthetic_fraction=args.synthetic_fraction,
         ct_window_prob=args.ct_window_prob,
+        zoom_prob=args.zoom_prob,
         warmup_steps=args.warmup_steps,
         seed=args.seed,
         model_id=args.model_id,
@@ -549,6 +556,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         others=args.targets_per_crop - 1,
         synthetic_fraction=cfg.synthetic_fraction,
         ct_window_prob=cfg.ct_window_prob,
+        zoom_prob=cfg.zoom_prob,
     )
     train(
         cfg,

@@ -40,8 +40,10 @@ from .errors import ConfigError
 from .memory import MemoryBank
 from .model.mais import MAISModel
 from .roi import normalise_roi
+from .session import ROI_SPACING
 
 TRAIN_STATE_FILE = "last.pth"
+ZOOM_TRAIN_SPACINGS = (1.0, 0.75)  # mm: the finer ROI voxel sizes of zoomed training crops (the cache is at 1.5 mm)
 LR_MEMORY_FRESH = 8e-4  # the paper's memory-attention learning rate: the memory is trained from scratch there
 
 
@@ -78,6 +80,8 @@ class TrainConfig:
     synthetic_fraction: float = 0.0  # share of episodes on a synthetic target drawn from the image itself
     # (synthetic_targets.py: unseen anatomy); the rest on labelled structures
     ct_window_prob: float = 0.0  # chance that a CT crop is clipped to a random soft-tissue window first
+    zoom_prob: float = 0.0  # chance that an episode's crop is at a finer ROI voxel size (ZOOM_TRAIN_SPACINGS: a
+    # smaller region of the 1.5 mm case upsampled to the crop), as SessionOptions(zoom=True) shows small objects
     checkpoint_every: int = 200  # steps between checkpoints
     seed: int = 0
     model_id: str = "mais-custom"
@@ -129,7 +133,7 @@ def _check_config(cfg: TrainConfig) -> None:
     for name, value in rates.items():
         if value is not None and not _positive_number(value):
             raise ConfigError(f"{name} ({_option(name)}) must be a positive learning rate such as 8e-5, got {value!r}")
-    for name in ("synthetic_fraction", "ct_window_prob"):
+    for name in ("synthetic_fraction", "ct_window_prob", "zoom_prob"):
         value = getattr(cfg, name)
         if not (_positive_number(value) or value == 0) or value > 1:
             raise ConfigError(f"{name} ({_option(name)}) must be a fraction between 0 and 1, got {value!r}")
@@ -190,14 +194,16 @@ def crop_sample(
     others: int = 0,
     min_voxels: int = 64,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    scale: float = 1.0,
 ) -> Sample:
     """A ``size``^3 crop of a preprocessed case centred on a random voxel of label ``value`` (zero-padded).
 
     ``others``: up to this many other labels present in the crop (at least ``min_voxels`` voxels) become
     extra targets of the same crop, so one encoder pass serves several episodes. ``transform``: applied to the
     crop's raw intensities before normalisation (e.g. :func:`~MAISSegmentLib.synthetic_targets.random_ct_window`).
+    ``scale``: a zoomed crop (:func:`crop_arrays`).
     """
-    img, lab = crop_arrays(image, label, value, rng, size)
+    img, lab = crop_arrays(image, label, value, rng, size, scale)
     if transform is not None:
         img = transform(img)
     extra: list[torch.Tensor] = []
@@ -210,21 +216,31 @@ def crop_sample(
 
 
 def crop_arrays(
-    image: np.ndarray, label: np.ndarray, value: int, rng: np.random.Generator, size: int = 128
+    image: np.ndarray, label: np.ndarray, value: int, rng: np.random.Generator, size: int = 128, scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Raw ``size``^3 crops (image float32, label) centred on a random voxel of label ``value``; outside the case
-    the image is zero and the label background."""
+    the image is zero and the label background.
+
+    ``scale`` < 1: a zoomed crop, the ROI voxel size times ``scale`` (0.5: 0.75 mm from the 1.5 mm cache): a region
+    of ``round(size * scale)`` voxels around the same centre, resized to ``size`` (image trilinear, label nearest)."""
     fg = np.argwhere(label == value)
     if len(fg) == 0:
         raise ValueError(f"label {value} is not present")
     centre = fg[rng.integers(len(fg))]
-    lo = centre - size // 2
-    img = np.zeros((size,) * 3, np.float32)
-    lab = np.zeros((size,) * 3, label.dtype)
-    src = tuple(slice(max(0, lo[d]), min(image.shape[d], lo[d] + size)) for d in range(3))
+    edge = size if scale == 1.0 else max(8, round(size * scale))
+    lo = centre - edge // 2
+    img = np.zeros((edge,) * 3, np.float32)
+    lab = np.zeros((edge,) * 3, label.dtype)
+    src = tuple(slice(max(0, lo[d]), min(image.shape[d], lo[d] + edge)) for d in range(3))
     dst = tuple(slice(s.start - lo[d], s.stop - lo[d]) for d, s in enumerate(src))
     img[dst] = image[src]
     lab[dst] = label[src]
+    if edge != size:
+        grid = (size,) * 3
+        img = F.interpolate(torch.from_numpy(img)[None, None], size=grid, mode="trilinear", align_corners=False)
+        img = img[0, 0].numpy()
+        nearest = F.interpolate(torch.from_numpy(lab.astype(np.float32))[None, None], size=grid, mode="nearest-exact")
+        lab = nearest[0, 0].numpy().astype(label.dtype)
     return img, lab
 
 
@@ -235,13 +251,14 @@ def synthetic_sample(
     rng: np.random.Generator,
     size: int = 128,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    scale: float = 1.0,
 ) -> Sample | None:
     """A crop placed like :func:`crop_sample`'s (inside the anatomy) whose target is a synthetic region grown from
     a random voxel within 40 voxels of the crop's centre (:func:`~MAISSegmentLib.synthetic_targets.synthetic_target`);
     None when no region of a usable size was found."""
     from .synthetic_targets import synthetic_target
 
-    img, _lab = crop_arrays(image, label, value, rng, size)
+    img, _lab = crop_arrays(image, label, value, rng, size, scale)
     if transform is not None:
         img = transform(img)
     centre = np.full(3, size // 2) + rng.integers(-40, 41, 3)
@@ -783,10 +800,12 @@ class TargetSampler:
         others: int = 0,
         synthetic_fraction: float = 0.0,
         ct_window_prob: float = 0.0,
+        zoom_prob: float = 0.0,
     ) -> None:
         self.others = others  # extra targets per crop (TrainConfig.targets_per_crop - 1)
         self.synthetic_fraction = synthetic_fraction  # TrainConfig.synthetic_fraction
         self.ct_window_prob = ct_window_prob  # TrainConfig.ct_window_prob
+        self.zoom_prob = zoom_prob  # TrainConfig.zoom_prob
         if not targets:
             raise ConfigError("no training targets: check the manifest, split and --structures filter")
         self.targets, self.cache, self.seed, self.crop_size, self.keep = targets, cache, seed, crop_size, keep
@@ -811,13 +830,23 @@ class TargetSampler:
             def transform(img: np.ndarray, rng: np.random.Generator = rng) -> np.ndarray:
                 return random_ct_window(img, rng)
 
+        scale = 1.0
+        if self.zoom_prob and rng.random() < self.zoom_prob:  # no draw without zoom: earlier runs replay unchanged
+            scale = float(rng.choice(ZOOM_TRAIN_SPACINGS)) / ROI_SPACING
         if self.synthetic_fraction and rng.random() < self.synthetic_fraction:
-            sample = synthetic_sample(pre.image, pre.label, target.label, rng, self.crop_size, transform)
+            sample = synthetic_sample(pre.image, pre.label, target.label, rng, self.crop_size, transform, scale)
             if sample is not None:
                 sample.name = f"{target.case.id}:synthetic"
                 return sample
         sample = crop_sample(
-            pre.image, pre.label, target.label, rng, self.crop_size, others=self.others, transform=transform
+            pre.image,
+            pre.label,
+            target.label,
+            rng,
+            self.crop_size,
+            others=self.others,
+            transform=transform,
+            scale=scale,
         )
         sample.name = f"{target.case.id}:{target.name}"
         return sample
