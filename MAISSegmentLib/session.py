@@ -72,8 +72,9 @@ class SessionOptions:
     blend_margin: float = 16.0  # ROI voxels over which overlapping ROIs cross-fade
     click_margin: float = 4.0  # a click within this many ROI voxels of a face opens a new ROI
     zoom: bool = False  # True: the ROI's voxel size follows the object, a small one is segmented again on a finer
-    # grid (InteractiveSession._zoom). Off by default: the built-in model was trained on 1.5 mm crops only, and with
-    # it zoom lowered the test split's mean Dice@10 (0.478 vs 0.491 on 40 targets; bones +0.07, GI tract -0.18)
+    # grid (InteractiveSession._zoom). Off by default: the built-in models were trained on 1.5 mm crops only and its
+    # effect is mixed (0.1.0: Dice@10 0.478 vs 0.491 on 40 test targets; 0.2.0: 0.531 vs 0.529 on 87, head-and-neck
+    # CT -0.05, TotalSegmentator +0.01); see the README
     zoom_min_spacing: float = 0.75  # mm: the finest ROI voxel size zoom may choose (a 96 mm window at 128^3)
     zoom_fill: float = 0.5  # zoom in until the object spans at most this fraction of the ROI's edge
     max_image_voxels: int = 2_000_000_000  # refuse larger images (the mask alone needs 1 byte/voxel)

@@ -91,7 +91,10 @@ GIT_BYTES="$(python3 -c "import pathlib,sys; print(sum(f.stat().st_size for f in
 MIB="$(python3 -c "print(f'{$BYTES / 2**20:.1f}')")"
 echo "   clone: $MIB MiB in all ($BYTES bytes: .git $GIT_BYTES, checkout $((BYTES - GIT_BYTES))); limit $MAX_MB MiB"
 echo "   largest files:"
-(cd "$WORK/SlicerMAISSegment" && git ls-files -z | xargs -0 du -b | sort -rn | head -5 | sed 's/^/     /')
+# the listing is read whole before it is cut (no early-closed pipe: SIGPIPE would fail the script under pipefail)
+largest="$(cd "$WORK/SlicerMAISSegment" && git ls-files -z | xargs -0 du -b | sort -rn)"
+printf '%s\n' "$largest" | sed -n '1,5s/^/     /p'
+
 STATUS=0
 if ! python3 -c "import sys; sys.exit(0 if $BYTES / 2**20 <= $MAX_MB else 1)"; then
   echo "release_repository: the clone is $MIB MiB, over the $MAX_MB MiB limit of the Extensions Index" >&2
