@@ -474,6 +474,15 @@ class MAISSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified)
         self.logic.segment_editor_node = node  # its masking settings are the ones that apply
 
+    def onReload(self) -> None:
+        """Slicer's Reload (developer mode): stop what runs, then import the logic and the library afresh too, not
+        only this file (MAISSegmentLogic.forget_loaded_packages)."""
+        import MAISSegmentLogic
+
+        self.cleanup()
+        MAISSegmentLogic.forget_loaded_packages()
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         self.removeObservers()

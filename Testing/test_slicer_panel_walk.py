@@ -383,3 +383,29 @@ def test_a_stroke_taken_in_by_a_later_point_is_undone_after_that_point(mrml, mod
     # without an editor (the Python console), Ctrl+Z is MAISSegment's own undo
     result = logic.redo_last_change(*target)
     assert result.action == "redo" and result.clicks == 1
+
+
+def test_reload_imports_the_logic_and_the_library_afresh():
+    """Slicer's Reload re-executes only MAISSegment.py: its onReload first drops MAISSegmentLogic and MAISSegmentLib
+    from sys.modules, so an edit there takes effect without restarting Slicer."""
+    import importlib
+    import sys
+
+    logic_pkg = importlib.import_module("MAISSegmentLogic")
+    importlib.import_module("MAISSegmentLogic.constants")
+    importlib.import_module("MAISSegmentLib.roi")
+    kept = {n: m for n, m in sys.modules.items() if n.startswith(("MAISSegmentLogic", "MAISSegmentLib"))}
+    try:
+        dropped = logic_pkg.forget_loaded_packages()
+        assert {"MAISSegmentLogic", "MAISSegmentLogic.constants", "MAISSegmentLib.roi"} <= set(dropped)
+        assert not any(n.startswith(("MAISSegmentLogic", "MAISSegmentLib")) for n in sys.modules)
+        assert "MAISSegmentLibrary" not in dropped  # only these packages, not names that merely start alike
+        fresh = importlib.import_module("MAISSegmentLogic.constants")
+        assert fresh is not kept["MAISSegmentLogic.constants"]
+    finally:
+        for name in [n for n in sys.modules if n.startswith(("MAISSegmentLogic", "MAISSegmentLib"))]:
+            del sys.modules[name]
+        sys.modules.update(kept)  # the other tests keep the modules (and classes) they already hold
+    source = (ROOT / "MAISSegment" / "MAISSegment.py").read_text(encoding="utf-8")
+    body = re.search(r"\n    def onReload\(self\) -> None:\n(.*?)\n    def cleanup", source, re.S).group(1)
+    assert body.index("self.cleanup()") < body.index("forget_loaded_packages()") < body.index(".onReload(self)")

@@ -27,3 +27,19 @@ set in its ``__init__``) and re-exports the public names, so ``MAISSegment.MAISS
 Like the module file, no file here imports torch or MAISSegmentLib at module level (they are imported inside
 functions, after the dependency check); user-visible strings go through ``_()`` (``slicer.i18n.tr``).
 """
+
+import sys
+
+RELOADED_PACKAGES = ("MAISSegmentLogic", "MAISSegmentLib")  # what Slicer's Reload must import afresh with the module
+
+
+def forget_loaded_packages(packages: tuple[str, ...] = RELOADED_PACKAGES) -> list[str]:
+    """Drop these packages and their submodules from ``sys.modules`` (returns the names dropped, sorted).
+
+    Slicer's *Reload* re-executes only ``MAISSegment.py``; its imports of ``MAISSegmentLogic`` and ``MAISSegmentLib``
+    would otherwise return the modules already loaded, so a developer's edits there would not take effect until Slicer
+    restarts. The widget's ``onReload`` calls this first (after stopping its worker and timers)."""
+    names = sorted(n for n in sys.modules if any(n == p or n.startswith(p + ".") for p in packages))
+    for name in names:
+        del sys.modules[name]
+    return names
