@@ -5,7 +5,8 @@ Measured in one run, so ratios compare like with like:
 * encoder seconds (median of ``repeats``) with the exact windowed speed-up and with the padded
   reference attention of the original code -> ``encoder_speedup``;
 * per-click seconds (median over ``clicks`` clicks) with a full memory bank of ``memory_size``
-  interactions and with the memory off, on the same weights and click sequence -> ``memory_overhead``.
+  interactions and with the memory off, on the same weights and click sequence -> ``memory_overhead``. The variants
+  run interleaved, click by click (:func:`time_click_variants`), so a slow spell of the machine hits them alike.
   A click is: prompt encoder, memory attention (when on), mask decoder, and the low-res logits
   upsampled to the 128^3 ROI and thresholded (what the session turns into a mask);
 * first click and click -> mask through the interactive session on a synthetic 512x512x300 CT
@@ -82,26 +83,48 @@ def time_clicks(
     ``features``: the ROI's full-resolution features (:meth:`MAISModel.encode_fullres`): the clicks then run the
     head and threshold its 128^3 logits instead of the upsampled 32^3 ones.
     """
+    return time_click_variants(model, embedding, points, labels, [(bank, features)], warm)[0]
+
+
+def time_click_variants(
+    model: MAISModel,
+    embedding: torch.Tensor,
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    variants: list[tuple[MemoryBank | None, Any]],
+    warm: int,
+) -> list[list[float]]:
+    """Several click sequences on the same clicks, **interleaved** (click t of every variant, then click t + 1...), so
+    that a slow spell of a shared machine slows them all alike and their ratios stay meaningful. Each variant is
+    ``(bank, features)`` as in :func:`time_clicks`; returns the seconds of each variant's clicks after ``warm``."""
     device, size = model.device, model.cfg.image_encoder.img_size
     pe = model.dense_pe()
-    prev, prev_full = model.empty_mask(), None
-    times: list[float] = []
+    state = [[model.empty_mask(), None] for _ in variants]
+    times: list[list[float]] = [[] for _ in variants]
     for t in range(points.shape[1]):
         pts, lab = points[:, : t + 1].to(device), labels[:, : t + 1].to(device)
+        for v, (bank, features) in enumerate(variants):
 
-        def click(pts: torch.Tensor = pts, lab: torch.Tensor = lab) -> None:
-            nonlocal prev, prev_full
-            out = model.step(embedding, pts, lab, prev, bank=bank, image_pe=pe, features=features, prev_full=prev_full)
-            prev, prev_full = out.low_res_logits, out.full_res_logits
-            if prev_full is None:
-                hi = F.interpolate(prev, size=(size, size, size), mode="trilinear", align_corners=False)
-            else:
-                hi = prev_full
-            (hi > 0).to(torch.uint8)  # sigmoid(x) > 0.5  <=>  x > 0
+            def click(
+                v: int = v,
+                bank: MemoryBank | None = bank,
+                features: Any = features,
+                pts: torch.Tensor = pts,
+                lab: torch.Tensor = lab,
+            ) -> None:
+                prev, prev_full = state[v]
+                out = model.step(
+                    embedding, pts, lab, prev, bank=bank, image_pe=pe, features=features, prev_full=prev_full
+                )
+                state[v] = [out.low_res_logits, out.full_res_logits]
+                hi = out.full_res_logits
+                if hi is None:
+                    hi = F.interpolate(out.low_res_logits, size=(size,) * 3, mode="trilinear", align_corners=False)
+                (hi > 0).to(torch.uint8)  # sigmoid(x) > 0.5  <=>  x > 0
 
-        dt = _timed(click, device)
-        if t >= warm:
-            times.append(dt)
+            dt = _timed(click, device)
+            if t >= warm:
+                times[v].append(dt)
     return times
 
 
@@ -229,25 +252,25 @@ def run_bench(
         embedding = model.encode_image(image)
         warm = max(memory_size, 3)  # fill the bank to capacity before timing
         points, labels = click_sequence(warm + clicks, size)
-        t_mem = time_clicks(model, embedding, points, labels, model.new_memory_bank(capacity=memory_size), warm)
-        t_none = time_clicks(model, embedding, points, labels, None, warm)
-        res["memory_size"] = memory_size
-        res["clicks_timed"] = clicks
-        res["click_seconds_memory"] = statistics.median(t_mem)
-        res["click_seconds_no_memory"] = statistics.median(t_none)
-        res["memory_overhead"] = res["click_seconds_memory"] / res["click_seconds_no_memory"]
+        features = None
         if model.has_fullres:
             model.encode_fullres(image)  # warm-up
             res["fullres_features_seconds"] = statistics.median(
                 _timed(lambda: model.encode_fullres(image), dev) for _ in range(repeats)
             )
             features = model.encode_fullres(image)
-            t_full = time_clicks(
-                model, embedding, points, labels, model.new_memory_bank(capacity=memory_size), warm, features
-            )
-            t_full_none = time_clicks(model, embedding, points, labels, None, warm, features)
-            res["click_seconds_fullres"] = statistics.median(t_full)
-            res["click_seconds_fullres_no_memory"] = statistics.median(t_full_none)
+        variants = [(model.new_memory_bank(capacity=memory_size), None), (None, None)]
+        if features is not None:
+            variants += [(model.new_memory_bank(capacity=memory_size), features), (None, features)]
+        timed = time_click_variants(model, embedding, points, labels, variants, warm)  # interleaved: fair ratios
+        res["memory_size"] = memory_size
+        res["clicks_timed"] = clicks
+        res["click_seconds_memory"] = statistics.median(timed[0])
+        res["click_seconds_no_memory"] = statistics.median(timed[1])
+        res["memory_overhead"] = res["click_seconds_memory"] / res["click_seconds_no_memory"]
+        if features is not None:
+            res["click_seconds_fullres"] = statistics.median(timed[2])
+            res["click_seconds_fullres_no_memory"] = statistics.median(timed[3])
             res["fullres_overhead"] = res["click_seconds_fullres"] / res["click_seconds_memory"]
             res["memory_overhead_fullres"] = res["click_seconds_fullres"] / res["click_seconds_fullres_no_memory"]
         if with_ct:

@@ -154,3 +154,61 @@ def test_the_session_composes_the_mask_from_the_full_resolution_logits():
     roi_state = session._rois[0]
     values, weights = roi_logits_on_grid(roi_state.full, roi_state.roi, volume, image_box(volume))
     assert np.array_equal(session.mask > 0, (values > 0) & (weights > 0))  # composed from the 128^3 logits
+
+
+# the per-click loops the vectorised click maps and bumps replaced (the reference they must equal)
+def _reference_window(centre, radius, size):
+    c = centre.round().long().clamp(0, size - 1)
+    lo = [int(max(0, c[d] - radius)) for d in range(3)]
+    hi = [int(min(size, c[d] + radius + 1)) for d in range(3)]
+    return lo, hi, [torch.arange(lo[d], hi[d], dtype=torch.float32) - centre[d] for d in range(3)]
+
+
+def _reference_gaussian(offsets, sigma):
+    g = [torch.exp(-(o**2) / (2 * sigma**2)) for o in offsets]
+    return g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :]
+
+
+def reference_click_maps(points, labels, size, roi_size, sigma):
+    maps = torch.zeros(points.shape[0], 2, size, size, size)
+    radius = max(1, int(3 * sigma + 0.5))
+    centres = (points.float() + 0.5) * (size / roi_size) - 0.5
+    for bi in range(points.shape[0]):
+        for centre, label in zip(centres[bi], labels[bi]):
+            lo, hi, offsets = _reference_window(centre, radius, size)
+            view = maps[bi, 0 if label > 0.5 else 1, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            torch.maximum(view, _reference_gaussian(offsets, sigma), out=view)
+    return maps[:, :1], maps[:, 1:]
+
+
+def reference_bumps(logits, points, labels, gain, sigma):
+    out = logits.clone()
+    radius = max(1, int(3 * sigma + 0.5))
+    for bi in range(points.shape[0]):
+        for p, lab in zip(points[bi], labels[bi]):
+            lo, hi, offsets = _reference_window(p.float(), radius, out.shape[-1])
+            signed = gain[0] if lab > 0.5 else -gain[1]
+            out[bi, 0, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += signed * _reference_gaussian(offsets, sigma)
+    return out
+
+
+def test_vectorised_click_maps_and_bumps_equal_the_per_click_loops():
+    """Clicks at the faces and corners (windows cut by the grid), repeated and overlapping clicks, both labels, a batch
+    of two: the same maps (maximum of Gaussians) and bumps (sums) as adding click after click."""
+    g = torch.Generator().manual_seed(5)
+    points = torch.rand(2, 30, 3, generator=g) * 127
+    points[0, :4] = torch.tensor([[0.0, 0.0, 0.0], [127.0, 127.0, 127.0], [0.4, 126.6, 64.0], [0.4, 126.6, 64.0]])
+    labels = (torch.rand(2, 30, generator=g) > 0.4).float()
+    inc, exc = click_maps(points, labels, 64, 128, 0.75, torch.float32)
+    ref_inc, ref_exc = reference_click_maps(points, labels, 64, 128, 0.75)
+    assert torch.equal(inc, ref_inc) and torch.equal(exc, ref_exc) and inc.amax() > 0.9 and exc.amax() > 0.9
+    logits = torch.randn(2, 1, 128, 128, 128, generator=g)
+    gain = torch.tensor([1.5, 2.0], requires_grad=True)
+    ref = reference_bumps(logits, points, labels, gain.detach(), 1.5)
+    with torch.no_grad():
+        in_place = add_click_bumps(logits.clone(), points, labels, gain, 1.5)
+    assert torch.allclose(in_place, ref, atol=1e-5)
+    with_grad = add_click_bumps(logits, points, labels, gain, 1.5)
+    assert torch.allclose(with_grad, ref, atol=1e-5)
+    with_grad.sum().backward()
+    assert gain.grad is not None and (gain.grad.abs() > 0).all()

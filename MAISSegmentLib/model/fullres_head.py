@@ -145,19 +145,26 @@ def _store_dtype(cfg: FullResConfig, tensor: torch.Tensor) -> torch.dtype:
     return torch.float16 if cfg.half_features and not tensor.requires_grad else tensor.dtype
 
 
-def _window(centre: torch.Tensor, radius: int, size: int) -> tuple[list[int], list[int], list[torch.Tensor]]:
-    """Index range ``[lo, hi)`` per axis of a window of ``radius`` around a continuous ``centre`` (3,) in a grid of
-    ``size``, and the offsets of its voxels from the centre (for Gaussians)."""
-    c = centre.round().long().clamp(0, size - 1)
-    lo = [int(max(0, c[d] - radius)) for d in range(3)]
-    hi = [int(min(size, c[d] + radius + 1)) for d in range(3)]
-    offsets = [torch.arange(lo[d], hi[d], dtype=torch.float32, device=centre.device) - centre[d] for d in range(3)]
-    return lo, hi, offsets
+def _windows(centres: torch.Tensor, radius: int, size: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The voxels of a window of ``radius`` around each rounded centre and their Gaussian weights, for every click at
+    once (no Python loop over clicks: a click costs the same at the 80th as at the first).
 
+    Args:
+        centres: ``(B, t, 3)`` continuous positions in a grid of ``size``^3 (tensor axis order).
 
-def _gaussian(offsets: list[torch.Tensor], sigma: float) -> torch.Tensor:
-    g = [torch.exp(-(o**2) / (2 * sigma**2)) for o in offsets]
-    return g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :]
+    Returns:
+        ``(flat, weight)``, both ``(B, t, w, w, w)`` with ``w = 2 * radius + 1``: flat indices into the ``size``^3 grid
+        and ``exp(-d^2 / 2 sigma^2)`` for the voxels inside the grid, 0 (at a clamped index) for those outside.
+    """
+    c = centres.round().long().clamp(0, size - 1)  # (B, t, 3)
+    offsets = torch.arange(-radius, radius + 1, device=centres.device)
+    idx = c[..., None] + offsets  # (B, t, 3, w)
+    inside = (idx >= 0) & (idx < size)
+    g = torch.exp(-((idx.to(centres.dtype) - centres[..., None]) ** 2) / (2 * sigma**2)) * inside
+    idx = idx.clamp(0, size - 1)
+    weight = g[:, :, 0, :, None, None] * g[:, :, 1, None, :, None] * g[:, :, 2, None, None, :]
+    flat = (idx[:, :, 0, :, None, None] * size + idx[:, :, 1, None, :, None]) * size + idx[:, :, 2, None, None, :]
+    return flat, weight
 
 
 def click_maps(
@@ -165,16 +172,15 @@ def click_maps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Include and exclude click maps ``(B, 1, size, size, size)``: the maximum of Gaussians (``sigma`` voxels of
     this grid) at the clicks, each written in a window of 3 sigma around its click (no full-grid distance)."""
-    b = points.shape[0]
-    maps = torch.zeros(b, 2, size, size, size, dtype=dtype, device=points.device)
+    b, t = points.shape[:2]
     radius = max(1, int(3 * sigma + 0.5))
     centres = (points.float() + 0.5) * (size / roi_size) - 0.5  # (B, t, 3) in this grid
-    for bi in range(b):
-        for centre, label in zip(centres[bi], labels[bi]):
-            lo, hi, offsets = _window(centre, radius, size)
-            channel = 0 if label > 0.5 else 1
-            view = maps[bi, channel, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-            torch.maximum(view, _gaussian(offsets, sigma).to(dtype), out=view)
+    flat, weight = _windows(centres, radius, size, sigma)
+    channel = (labels <= 0.5).long()  # 0 include, 1 exclude
+    flat = flat + (channel * size**3).view(b, t, 1, 1, 1)
+    maps = torch.zeros(b, 2 * size**3, dtype=dtype, device=points.device)
+    maps.scatter_reduce_(1, flat.reshape(b, -1), weight.reshape(b, -1).to(dtype), reduce="amax")
+    maps = maps.view(b, 2, size, size, size)
     return maps[:, :1], maps[:, 1:]
 
 
@@ -184,13 +190,12 @@ def add_click_bumps(
     """``logits`` plus ``gain[0]`` (include) / ``-gain[1]`` (exclude) times a Gaussian of ``sigma`` voxels at each
     click, added in a window of 3 sigma around it: the clicks' own voxels, at full resolution. In place without
     autograd; a new tensor with it."""
-    n = logits.shape[-1]
+    b, n = logits.shape[0], logits.shape[-1]
     radius = max(1, int(3 * sigma + 0.5))
-    out = logits if not torch.is_grad_enabled() else logits.clone()
-    for bi in range(points.shape[0]):
-        for p, lab in zip(points[bi], labels[bi]):
-            lo, hi, offsets = _window(p.float(), radius, n)
-            bump = _gaussian(offsets, sigma).to(out.dtype)
-            signed = gain[0] if lab > 0.5 else -gain[1]
-            out[bi, 0, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += signed * bump
-    return out
+    flat, weight = _windows(points.float(), radius, n, sigma)
+    signed = torch.where(labels > 0.5, gain[0], -gain[1]).to(logits.dtype)  # (B, t)
+    src = (weight.to(logits.dtype) * signed[:, :, None, None, None]).reshape(b, -1)
+    if not torch.is_grad_enabled():
+        logits.view(b, -1).scatter_add_(1, flat.reshape(b, -1), src)
+        return logits
+    return logits.reshape(b, -1).scatter_add(1, flat.reshape(b, -1), src).view_as(logits)
