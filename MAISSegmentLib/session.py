@@ -778,6 +778,8 @@ class InteractiveSession:
         if spacing >= st.roi.spacing:
             return [st]
         self._rois.remove(st)
+        self._embeddings.pop(st.roi, None)  # the coarse look is not kept (its head features alone are ~50 MB)
+        self._features.pop(st.roi, None)
         finer = self._new_roi_state(ras, spacing=spacing)
         self._step(finer, finer.roi.ras_to_roi(ras), 1, index)
         return [finer]

@@ -135,3 +135,10 @@ def test_zoomed_sessions_replay_undo_and_states_saved_before_zoom_replay_without
     del state["options"]["zoom"]  # written before zoom existed: every ROI at 1.5 mm, as it was made
     old = InteractiveSession.from_state(network, volume, state, check_model=False)
     assert not old.options.zoom and [r.spacing for r in old.rois] == [1.5]
+
+
+def test_the_coarse_look_is_not_kept(network):
+    """Zooming drops the 1.5 mm ROI's cached embedding (and head features): only the ROIs in use stay in memory."""
+    volume, _ = ball_volume(20.0)
+    s = segment(network, volume)
+    assert set(s._embeddings) == {r for r in s.rois} and len(s._embeddings) == 1
