@@ -69,23 +69,6 @@ def click_sequence(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torc
     return points, labels
 
 
-def time_clicks(
-    model: MAISModel,
-    embedding: torch.Tensor,
-    points: torch.Tensor,
-    labels: torch.Tensor,
-    bank: MemoryBank | None,
-    warm: int,
-    features: Any = None,
-) -> list[float]:
-    """Run every click of the sequence; return the seconds of those after the first ``warm``.
-
-    ``features``: the ROI's full-resolution features (:meth:`MAISModel.encode_fullres`): the clicks then run the
-    head and threshold its 128^3 logits instead of the upsampled 32^3 ones.
-    """
-    return time_click_variants(model, embedding, points, labels, [(bank, features)], warm)[0]
-
-
 def time_click_variants(
     model: MAISModel,
     embedding: torch.Tensor,
@@ -96,7 +79,9 @@ def time_click_variants(
 ) -> list[list[float]]:
     """Several click sequences on the same clicks, **interleaved** (click t of every variant, then click t + 1...), so
     that a slow spell of a shared machine slows them all alike and their ratios stay meaningful. Each variant is
-    ``(bank, features)`` as in :func:`time_clicks`; returns the seconds of each variant's clicks after ``warm``."""
+    ``(bank, features)``: the object's memory (None: memory off) and the ROI's full-resolution features
+    (:meth:`MAISModel.encode_fullres`; None: the 32^3 logits upsampled, else the head's 128^3 logits are thresholded).
+    Returns the seconds of each variant's clicks after the first ``warm``."""
     device, size = model.device, model.cfg.image_encoder.img_size
     pe = model.dense_pe()
     state = [[model.empty_mask(), None] for _ in variants]

@@ -224,13 +224,12 @@ def roi_logits_on_grid(
         return _separable_logits(logits, roi, a_mat, b_vec, perm, box, blend_margin)
     values = np.zeros((kk, jj, ii), dtype=np.float32)
     weights = np.zeros((kk, jj, ii), dtype=np.float32)
-    rows = max(1, MAX_CHUNK_VOXELS // max(1, jj * ii))
     i = torch.arange(box.lo[0], box.hi[0], dtype=torch.float64)
     j = torch.arange(box.lo[1], box.hi[1], dtype=torch.float64)
     am, bv = torch.from_numpy(a_mat), torch.from_numpy(b_vec)
     low = logits.detach().float().cpu()
-    for k0 in range(0, kk, rows):
-        k = torch.arange(box.lo[2] + k0, min(box.lo[2] + k0 + rows, box.hi[2]), dtype=torch.float64)
+    for sl in _slabs(box, MAX_CHUNK_VOXELS):
+        k = torch.arange(box.lo[2] + sl.start, box.lo[2] + sl.stop, dtype=torch.float64)
         a = (
             am[:, 2].view(1, 1, 1, 3) * k.view(-1, 1, 1, 1)
             + am[:, 1].view(1, 1, 1, 3) * j.view(1, -1, 1, 1)
@@ -242,7 +241,6 @@ def roi_logits_on_grid(
         norm = (2 * a + 1) / roi.size - 1  # align_corners=False coordinate of position a in any grid
         grid = norm.flip(-1).float()[None]  # grid_sample wants (x, y, z) = (dim4, dim3, dim2)
         v = F.grid_sample(low, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
-        sl = slice(k0, k0 + k.numel())
         values[sl] = v.numpy()
         weights[sl] = w.numpy()
     return values, weights
@@ -324,9 +322,10 @@ def _separable_slab(t: torch.Tensor, taps: list, rows: slice) -> torch.Tensor:
     return _interp_axis(s, 2, taps[2])  # (k, J, I)
 
 
-def _slabs(box: Box) -> list[slice]:
+def _slabs(box: Box, voxels: int = _SLAB_VOXELS) -> list[slice]:
+    """The box's first axis (k) cut into slabs of about ``voxels`` output voxels."""
     kk, jj, ii = box.shape_kji
-    rows = max(1, _SLAB_VOXELS // max(1, jj * ii))
+    rows = max(1, voxels // max(1, jj * ii))
     return [slice(k0, min(kk, k0 + rows)) for k0 in range(0, kk, rows)]
 
 

@@ -880,16 +880,19 @@ class InteractiveSession:
                 covering.append((st, sub))
         mask = torch.zeros(box.shape_kji, dtype=torch.bool)
         origin = (box.lo[2], box.lo[1], box.lo[0])
+
+        def within(sub: Box) -> tuple[slice, ...]:  # ``sub`` as slices of the box's own arrays
+            return tuple(slice(s.start - o, s.stop - o) for s, o in zip(sub.slices, origin))
+
         if len(covering) == 1:  # one ROI: "inside it and logit > 0", thresholded slab by slab
             st, sub = covering[0]
-            rel = tuple(slice(s.start - o, s.stop - o) for s, o in zip(sub.slices, origin))
-            mask[rel] = torch.from_numpy(roi_mask_on_grid(st.logits, st.roi, self.image, sub))
+            mask[within(sub)] = torch.from_numpy(roi_mask_on_grid(st.logits, st.roi, self.image, sub))
         elif covering:
             num = torch.zeros(box.shape_kji)
             den = torch.zeros(box.shape_kji)
             for st, sub in covering:
                 values, weights = roi_logits_on_grid(st.logits, st.roi, self.image, sub, self.options.blend_margin)
-                rel = tuple(slice(s.start - o, s.stop - o) for s, o in zip(sub.slices, origin))
+                rel = within(sub)
                 v, w = torch.from_numpy(values), torch.from_numpy(weights)
                 num[rel] += w * v
                 den[rel] += w

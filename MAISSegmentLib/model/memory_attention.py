@@ -82,12 +82,13 @@ class MemoryAttention(nn.Module):
         # which invalidates projections cached under the old weights.
         return (id(self), tuple(p._version for p in self.parameters()))
 
-    def project_entry(self, entry: MemoryEntry) -> dict[str, torch.Tensor]:
-        """Projections of one entry, computed once per set of weights.
+    def project_entry(self, entry: MemoryEntry, key: tuple | None = None) -> dict[str, torch.Tensor]:
+        """Projections of one entry, computed once per set of weights (``key``: :meth:`_cache_key`, when the caller
+        has it already: a forward computes it once for all its entries).
 
         Returns a dict with ``sparse_qkv`` ``(T, 3C)`` and/or ``dense_k``/``dense_v`` ``(d, G^3)``.
         """
-        key = self._cache_key()
+        key = self._cache_key() if key is None else key
         if entry.cache.get("key") == key:
             return entry.cache["proj"]
         proj: dict[str, torch.Tensor] = {}
@@ -105,11 +106,13 @@ class MemoryAttention(nn.Module):
         return proj
 
     # ------------------------------------------------------------------------- low-precision inference
-    def _linear(self, layer: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(
+        self, layer: nn.Module, x: torch.Tensor, key: tuple, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``layer(x)`` (a Linear, or a 1x1x1 Conv3d's ``weight`` flattened, on ``(..., C)`` tokens).
 
         Under a bfloat16 autocast without autograd (``MAISModel.inference_dtype``), the weights' low-precision copies
-        are made once per set of weights (the ``_cache_key`` of :meth:`project_entry`) instead of at every click:
+        are made once per set of weights (``key``: the forward's :meth:`_cache_key`) instead of at every click:
         autocast alone re-casts each weight at each call, which made the memory's share of a click on a CPU ~40%
         copies."""
         w = layer.weight if weight is None else weight
@@ -117,7 +120,7 @@ class MemoryAttention(nn.Module):
         if torch.is_grad_enabled() or not torch.is_autocast_enabled(device):
             return F.linear(x, w, layer.bias)
         dtype = torch.get_autocast_dtype(device)
-        key = (self._cache_key(), dtype)
+        key = (key, dtype)
         cache = self.__dict__.setdefault("_low_precision", {"key": None})
         if cache["key"] != key:
             cache.clear()
@@ -144,23 +147,26 @@ class MemoryAttention(nn.Module):
             raise ValueError("memory attention needs at least one memory entry")
         _, c, g0, g1, g2 = image_embedding.shape
         x = image_embedding.flatten(2).transpose(1, 2)  # (1, G^3, C)
-        projs = [self.project_entry(e) for e in bank.entries]
+        key = self._cache_key()  # once per click: it reads every parameter's version
+        projs = [self.project_entry(e, key) for e in bank.entries]
         if bank.keeps_dense:
-            x = x + self._dense_attention(bank, projs).unsqueeze(0)
+            x = x + self._dense_attention(bank, projs, key).unsqueeze(0)
         if bank.keeps_sparse:
-            memory = self._sparse_self_attention(bank, projs)  # (1, T, C)
+            memory = self._sparse_self_attention(bank, projs, key)  # (1, T, C)
             q = self.cross_norm(x) + image_pe.flatten(2).transpose(1, 2)
             mem = self.cross_memory_norm(memory)
             attended = self._mha(
-                self._linear(self.cross_q, q), self._linear(self.cross_k, mem), self._linear(self.cross_v, mem)
+                self._linear(self.cross_q, q, key),
+                self._linear(self.cross_k, mem, key),
+                self._linear(self.cross_v, mem, key),
             )
-            x = x + self._linear(self.cross_out, attended)
-        hidden = F.relu(self._linear(self.mlp[0], self.mlp_norm(x)))
-        x = x + self._linear(self.mlp[2], hidden)
+            x = x + self._linear(self.cross_out, attended, key)
+        hidden = F.relu(self._linear(self.mlp[0], self.mlp_norm(x), key))
+        x = x + self._linear(self.mlp[2], hidden, key)
         x = self.final_norm(x)
         return x.transpose(1, 2).reshape(1, c, g0, g1, g2)
 
-    def _dense_attention(self, bank: MemoryBank, projs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def _dense_attention(self, bank: MemoryBank, projs: list[dict[str, torch.Tensor]], key: tuple) -> torch.Tensor:
         """Per voxel, attention of the newest dense memory over all dense memories -> ``(G^3, C)``.
 
         Keys/values live in ring buffers ``(N, d, G^3)`` on the bank, entry ``i`` in slot ``i mod N``:
@@ -172,8 +178,8 @@ class MemoryAttention(nn.Module):
             # click's graph still reads it; stack functionally instead (same numbers)
             k = torch.stack([p["dense_k"] for p in projs])
             v = torch.stack([p["dense_v"] for p in projs])
-            return self._dense_readout(q, k, v)
-        key, n = self._cache_key(), len(bank)
+            return self._dense_readout(q, k, v, key)
+        n = len(bank)
         ring = bank.cache.get("dense_ring")
         if ring is None or ring["key"] != key:
             shape = (bank.capacity, *projs[-1]["dense_k"].shape)
@@ -190,20 +196,22 @@ class MemoryAttention(nn.Module):
                 ring["k"][slot], ring["v"][slot] = proj["dense_k"], proj["dense_v"]
                 ring["held"][slot] = entry.uid
         k, v = ring["k"][:n], ring["v"][:n]  # after eviction n == capacity: every slot is a live entry
-        return self._dense_readout(q, k, v)
+        return self._dense_readout(q, k, v, key)
 
-    def _dense_readout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _dense_readout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: tuple) -> torch.Tensor:
         """Softmax over the memory axis per voxel: ``q (d, V)``, ``k``/``v`` ``(n, d, V)`` -> ``(V, C)``."""
         # broadcast multiply-sum: on CPU several times faster than einsum/bmm at these shapes
         weights = torch.softmax((q.unsqueeze(0) * k).sum(1) * self.dense_dim**-0.5, dim=0)  # (n, V)
         out = (weights.unsqueeze(1) * v).sum(0)  # (d, V)
-        return self._linear(self.dense_out, out.t(), self.dense_out.weight.flatten(1))  # (V, C)
+        return self._linear(self.dense_out, out.t(), key, self.dense_out.weight.flatten(1))  # (V, C)
 
-    def _sparse_self_attention(self, bank: MemoryBank, projs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def _sparse_self_attention(
+        self, bank: MemoryBank, projs: list[dict[str, torch.Tensor]], key: tuple
+    ) -> torch.Tensor:
         tokens = torch.cat([e.sparse for e in bank.entries]).unsqueeze(0)  # (1, T, C)
         qkv = torch.cat([p["sparse_qkv"] for p in projs]).unsqueeze(0)  # (1, T, 3C)
         q, k, v = qkv.chunk(3, dim=-1)
-        return tokens + self._linear(self.sparse_out, self._mha(q, k, v))
+        return tokens + self._linear(self.sparse_out, self._mha(q, k, v), key)
 
     def _mha(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Multi-head attention of projected ``q (1, Nq, C)`` over ``k``/``v`` ``(1, Nk, C)``."""
