@@ -464,6 +464,26 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
         default=0.0,
         help="chance that a crop is at a finer ROI voxel size (1.0 or 0.75 mm), as zoom shows small objects, 0-1",
     )
+    p.add_argument(
+        "--ce-weight",
+        type=float,
+        default=0.0,
+        help="add this weight of binary cross-entropy to the Dice loss (0: Dice alone; Dice gives no gradient to "
+        "confidently wrong voxels)",
+    )
+    p.add_argument(
+        "--center-click-prob",
+        type=float,
+        default=0.0,
+        help="chance that a correction click is the centre of the largest error component (the evaluation robot's "
+        "click) instead of a uniform error voxel, 0-1",
+    )
+    p.add_argument(
+        "--click-loss-weight",
+        type=float,
+        default=0.0,
+        help="weight of a cross-entropy term at the clicked voxels (a click must hold where it was placed)",
+    )
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (from scratch: ~100)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes (resume later)")
@@ -513,6 +533,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         synthetic_fraction=args.synthetic_fraction,
         ct_window_prob=args.ct_window_prob,
         zoom_prob=args.zoom_prob,
+        ce_weight=args.ce_weight,
+        center_click_prob=args.center_click_prob,
+        click_loss_weight=args.click_loss_weight,
         warmup_steps=args.warmup_steps,
         seed=args.seed,
         model_id=args.model_id,

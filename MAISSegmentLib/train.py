@@ -7,8 +7,10 @@ Recipe (MAIS paper, App. A; ``docs/MAIS-SPEC.md``): image encoder frozen (fine-t
 
 An *episode* is one target (one label value of one case) in one crop: click 1 is a random foreground
 voxel, each further click is drawn uniformly from the error region of the previous prediction
-(positive if it is a missed foreground voxel: the SAM-Med3D/MAIS protocol), the memory bank is filled
-along the episode, and the loss is the mean Dice loss over the episode's interactions. Back-propagation
+(positive if it is a missed foreground voxel: the SAM-Med3D/MAIS protocol; ``center_click_prob`` makes a share of
+them the evaluation robot's click, the centre of the largest error component), the memory bank is filled
+along the episode, and the loss is the mean Dice loss over the episode's interactions (``ce_weight`` adds
+cross-entropy, ``click_loss_weight`` a cross-entropy at the clicked voxels). Back-propagation
 is truncated every ``tbptt`` interactions (the memory entries are detached there), so long episodes
 (memory capacity 60) fit in memory.
 
@@ -82,6 +84,14 @@ class TrainConfig:
     ct_window_prob: float = 0.0  # chance that a CT crop is clipped to a random soft-tissue window first
     zoom_prob: float = 0.0  # chance that an episode's crop is at a finer ROI voxel size (ZOOM_TRAIN_SPACINGS: a
     # smaller region of the 1.5 mm case upsampled to the crop), as SessionOptions(zoom=True) shows small objects
+    ce_weight: float = 0.0  # weight of a binary cross-entropy term added to every Dice loss (0: Dice alone, the
+    # paper's). Dice alone gives no gradient to a voxel whose logit has saturated: confidently wrong voxels (an
+    # exclude click inside a +100 logit blob) are never corrected; cross-entropy keeps the logits finite and pulls
+    # hardest on exactly those voxels (SAM-Med3D and nnInteractive train with Dice + cross-entropy)
+    center_click_prob: float = 0.0  # chance that a correction click is the centre of the largest error component
+    # (the evaluation robot's `center` click, clicks.RobotUser) instead of a uniform voxel of the error region
+    click_loss_weight: float = 0.0  # weight of a cross-entropy term at the clicked voxels themselves (every click
+    # so far, its own label): a click must hold where it was placed
     checkpoint_every: int = 200  # steps between checkpoints
     seed: int = 0
     model_id: str = "mais-custom"
@@ -133,12 +143,14 @@ def _check_config(cfg: TrainConfig) -> None:
     for name, value in rates.items():
         if value is not None and not _positive_number(value):
             raise ConfigError(f"{name} ({_option(name)}) must be a positive learning rate such as 8e-5, got {value!r}")
-    for name in ("synthetic_fraction", "ct_window_prob", "zoom_prob"):
+    for name in ("synthetic_fraction", "ct_window_prob", "zoom_prob", "center_click_prob"):
         value = getattr(cfg, name)
         if not (_positive_number(value) or value == 0) or value > 1:
             raise ConfigError(f"{name} ({_option(name)}) must be a fraction between 0 and 1, got {value!r}")
-    if not (_positive_number(cfg.low_res_loss_weight) or cfg.low_res_loss_weight == 0):
-        raise ConfigError(f"low_res_loss_weight must be zero or a positive number, got {cfg.low_res_loss_weight!r}")
+    for name in ("low_res_loss_weight", "ce_weight", "click_loss_weight"):
+        value = getattr(cfg, name)
+        if not (_positive_number(value) or value == 0):
+            raise ConfigError(f"{name} ({_option(name)}) must be zero or a positive number, got {value!r}")
     if not (_positive_number(cfg.weight_decay) or cfg.weight_decay == 0):
         raise ConfigError(f"weight_decay must be zero or a positive number, got {cfg.weight_decay!r}")
     if not all(_positive_number(m) and m <= 1 for m in cfg.milestones):
@@ -268,8 +280,20 @@ def synthetic_sample(
     return Sample(normalise_roi(torch.from_numpy(img))[None, None], torch.from_numpy(mask))
 
 
-def simulate_click(target: torch.Tensor, pred: torch.Tensor | None, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-    """Next training click (ROI voxel index, label): uniform over the error region, or a foreground voxel first."""
+def simulate_click(
+    target: torch.Tensor, pred: torch.Tensor | None, gen: torch.Generator, center_prob: float = 0.0
+) -> tuple[torch.Tensor, int]:
+    """Next training click (ROI voxel index, label): a foreground voxel first, then a voxel of the error region.
+
+    Args:
+        target: ``(S, S, S)`` bool, ROI order.
+        pred: ``(S, S, S)`` bool, the current prediction (None: the first click).
+        center_prob: chance that a correction click is the centre of the largest error component (the point farthest
+            from its boundary: the evaluation robot's ``center`` click, :class:`~MAISSegmentLib.clicks.RobotUser`)
+            rather than a uniform voxel of the error region. Uniform error voxels are mostly boundary voxels; the
+            centre click is where a user clicks into a wrong blob. No random draw is made when it is 0, so earlier
+            runs replay unchanged.
+    """
     if pred is None:
         region, positive = target, None
     else:
@@ -278,6 +302,13 @@ def simulate_click(target: torch.Tensor, pred: torch.Tensor | None, gen: torch.G
         positive = fn
         if not region.any():
             region, positive = target, None
+    if positive is not None and center_prob > 0 and float(torch.rand((), generator=gen)) < center_prob:
+        from .clicks import RobotUser
+
+        robot = RobotUser("center")
+        robot.n_clicks = 1  # a correction click: the centre of the largest false-negative or false-positive part
+        click = robot.click(target.cpu().numpy(), pred.cpu().numpy())
+        return torch.tensor(click.kji, dtype=torch.float32, device=target.device), int(click.include)
     idx = region.nonzero()
     point = idx[torch.randint(len(idx), (1,), generator=gen)][0]
     label = 1 if positive is None else int(positive[tuple(point)])
@@ -289,6 +320,28 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     p = torch.sigmoid(logits.float()).flatten()
     t = target.float().flatten()
     return 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ce_weight: float = 0.0) -> torch.Tensor:
+    """Dice loss plus ``ce_weight`` times the mean binary cross-entropy, ``(1, 1, S, S, S)`` logits against a
+    ``(S, S, S)`` target (bool, or soft in [0, 1])."""
+    loss = dice_loss(logits, target)
+    if ce_weight:
+        loss = loss + ce_weight * F.binary_cross_entropy_with_logits(logits.float().flatten(), target.float().flatten())
+    return loss
+
+
+def click_loss(logits: torch.Tensor, points: list[torch.Tensor], labels: list[float], crop_size: int) -> torch.Tensor:
+    """Mean binary cross-entropy of ``(1, 1, s, s, s)`` logits at the clicked voxels against the clicks' labels.
+
+    Args:
+        points: ROI voxel indices ``(3,)`` on the ``crop_size`` grid (ROI order), mapped to the logits' grid.
+        labels: 1.0 include, 0.0 exclude.
+    """
+    s = logits.shape[-1]
+    idx = (torch.stack(points).to(logits.device).long() * s) // crop_size
+    values = logits[0, 0][idx[:, 0], idx[:, 1], idx[:, 2]].float()
+    return F.binary_cross_entropy_with_logits(values, torch.tensor(labels, device=logits.device))
 
 
 # ------------------------------------------------------------------------------------------ one episode
@@ -358,7 +411,7 @@ def _episode(
     window_loss, total = 0.0, 0.0
     n = cfg.episode_clicks
     for t in range(n):
-        point, label = simulate_click(target, pred, gen)
+        point, label = simulate_click(target, pred, gen, cfg.center_click_prob)
         points.append(point)
         labels.append(float(label))
         with autocast:
@@ -374,16 +427,21 @@ def _episode(
             )
             hi = F.interpolate(out.low_res_logits, size=(size,) * 3, mode="trilinear", align_corners=False)
             if cfg.loss_size == size:
-                loss = dice_loss(hi, target)
+                loss = segmentation_loss(hi, target, cfg.ce_weight)
             else:
                 logits = (
                     F.interpolate(out.low_res_logits, size=(cfg.loss_size,) * 3, mode="trilinear", align_corners=False)
                     if cfg.loss_size != out.low_res_logits.shape[-1]
                     else out.low_res_logits
                 )
-                loss = dice_loss(logits, soft_target)
+                loss = segmentation_loss(logits, soft_target, cfg.ce_weight)
+            if cfg.click_loss_weight:
+                loss = loss + cfg.click_loss_weight * click_loss(out.low_res_logits, points, labels, size)
             if out.full_res_logits is not None:
-                loss = dice_loss(out.full_res_logits, target) + cfg.low_res_loss_weight * loss
+                head_loss = segmentation_loss(out.full_res_logits, target, cfg.ce_weight)
+                if cfg.click_loss_weight:
+                    head_loss = head_loss + cfg.click_loss_weight * click_loss(out.full_res_logits, points, labels, size)
+                loss = head_loss + cfg.low_res_loss_weight * loss
                 hi = out.full_res_logits
         window_loss = window_loss + loss
         total += float(loss.detach())
@@ -780,7 +838,17 @@ def _progress(step: int, total: int, loss: float, dice: float, rate: float, batc
     sys.stderr.flush()
 
 
-__all__ = ["Sample", "TrainConfig", "crop_sample", "dice_loss", "run_episode", "simulate_click", "train"]
+__all__ = [
+    "Sample",
+    "TrainConfig",
+    "click_loss",
+    "crop_sample",
+    "dice_loss",
+    "run_episode",
+    "segmentation_loss",
+    "simulate_click",
+    "train",
+]
 
 
 class TargetSampler:
