@@ -440,7 +440,9 @@ def _episode(
             if out.full_res_logits is not None:
                 head_loss = segmentation_loss(out.full_res_logits, target, cfg.ce_weight)
                 if cfg.click_loss_weight:
-                    head_loss = head_loss + cfg.click_loss_weight * click_loss(out.full_res_logits, points, labels, size)
+                    head_loss = head_loss + cfg.click_loss_weight * click_loss(
+                        out.full_res_logits, points, labels, size
+                    )
                 loss = head_loss + cfg.low_res_loss_weight * loss
                 hi = out.full_res_logits
         window_loss = window_loss + loss
