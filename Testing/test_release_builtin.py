@@ -102,15 +102,16 @@ def release(tmp_path_factory):
     )
     model = build_model("sam-med3d-tiny").with_fullres_head()
     recipe = {
-        "mode": "finetune", "preset": None, "init_checkpoint": "Resources/models/mais-small-shared.pth", "steps": 40,
+        "mode": "finetune", "preset": None, "init_checkpoint": "runs/pilot-fullres-250.pth", "steps": 40,
         "batch_size": 2, "episode_clicks": 8, "tbptt": 4, "memory_size": 60, "lr_encoder": 8e-5,
-        "lr_prompt_decoder": 8e-5, "lr_memory": 8e-5, "fullres": True, "lr_fullres": 8e-4,
+        "lr_prompt_decoder": 8e-5, "lr_memory": 8e-5, "fullres": True, "lr_fullres": 3e-4,
         "low_res_loss_weight": 0.5, "weight_decay": 0.1, "milestones": [0.645, 0.9], "crop_size": 128,
-        "loss_size": 32, "cpu_bf16": True, "synthetic_fraction": 0.15, "ct_window_prob": 0.3, "seed": 3,
+        "loss_size": 32, "cpu_bf16": True, "synthetic_fraction": 0.15, "ct_window_prob": 0.3, "seed": 3, "ce_weight": 1.0,
+        "center_click_prob": 0.5, "click_loss_weight": 0.2,
         "extra": {"cases": [c["id"] for c in cases if c["split"] == "train"]},
     }  # fmt: skip
     train = tmp / "last.pth"
-    save_checkpoint(model, train, "mais-small-shared", "0.2.0", provenance={"recipe": recipe, "steps_done": 40})
+    save_checkpoint(model, train, "mais-small-shared", "0.3.0", provenance={"recipe": recipe, "steps_done": 40})
     weights = resources / "models" / "mais-small-shared.pth"
     info = export_release(train, weights, dtype="int8")
     head = sum(p.numel() for p in model.fullres_head.parameters())
@@ -177,7 +178,7 @@ def test_card_and_registry_from_the_release_files(release):
     weights = release["weights"]
     reg = json.loads((release["tmp"] / "Resources/models.json").read_text())
     entry = next(m for m in reg["models"] if m["id"] == "mais-small-shared")
-    assert reg["default"] == "mais-small-shared" and entry["version"] == "0.2.0"
+    assert reg["default"] == "mais-small-shared" and entry["version"] == "0.3.0"
     assert entry["sha256"] == _sha(weights) and entry["size_bytes"] == weights.stat().st_size
     assert entry["file"] == "models/mais-small-shared.pth"
     assert "5 volumes, 9 targets" in entry["trained_on"] and entry["preset"] == "sam-med3d-tiny"
@@ -190,9 +191,13 @@ def test_card_and_registry_from_the_release_files(release):
     assert "| 3 | CT | 5 | spleen 3; liver 2 | CC BY 4.0 (verify) |" in card
     assert "| 2 | CT | 4 | Brainstem, Mandible (2 each) | MIT; TCIA terms |" in card
     assert "[-125, 275] HU" in card and "clipped 30% of all CT crops" in card
-    # the two-stage recipe, stage 3 from the provenance, training facts from the log (the pause left out)
-    assert "Stage 2" in card and "not released" in card
-    assert "the head at 0.0008 (fresh)" in card and "15% of the episodes on synthetic targets" in card
+    # the recipe: stage 3 as released in 0.2.0, stage 4 from the provenance, training facts from the log (the pause
+    # left out)
+    assert "Stage 2" in card and "not released" in card and "**Stage 3** (released as 0.2.0)" in card
+    assert "from `runs/pilot-fullres-250.pth` (stage 3's result): 40 steps of batch 2, image encoder frozen" in card
+    assert "the head at 0.0003" in card and "15% synthetic targets, 30% CT windows" in card
+    assert "50% of the correction clicks at the centre of the largest error component" in card
+    assert "Dice + 1 × binary cross-entropy" in card and "0.2 × cross-entropy at the clicked voxels" in card
     assert "Run as released: 40 steps (80 episodes), 0.22 h of training on the 2-core CPU, in 2 runs over 2.2 h" in card
     assert "Steps 1–20: loss 0.895, training Dice after the last click 0.105; steps 21–40: loss 0.695" in card
     # test-split tables with the given numbers, the precision used, the reference Grow from seeds labelled
@@ -245,7 +250,7 @@ def test_register_refuses_figures_of_other_weights_and_oversized_files(release, 
 
 
 def test_release_script_runs_the_documented_commands(tmp_path):
-    """The shell script with a stand-in ``mais``: int8 export of the stage-3 checkpoint as 0.2.0, the test-split
+    """The shell script with a stand-in ``mais``: int8 export of the stage-4 checkpoint as 0.3.0, the test-split
     methods (Grow from seeds only with GROWCUT=1), the precision pinned to what it resolved to."""
     subprocess.run(["bash", "-n", str(REPO / "scripts/release_builtin_model.sh")], check=True)
     (tmp_path / "scripts").mkdir()
@@ -269,9 +274,9 @@ def test_release_script_runs_the_documented_commands(tmp_path):
                        env={**env, "GROWCUT": growcut})  # fmt: skip
     lines = calls.read_text().splitlines()
     assert lines[0].startswith(
-        "weights export runs/mais-small-shared-fr/last.pth --out runs/release/mais-small-shared.pth"
+        "weights export runs/mais-small-shared-s4/model.pth --out runs/release/mais-small-shared.pth"
     )
-    assert "--dtype int8 --id mais-small-shared --version 0.2.0" in lines[0]
+    assert "--dtype int8 --id mais-small-shared --version 0.3.0" in lines[0]
     assert "--dtype float16" in lines[1]
     evals = [line for line in lines if line.startswith("evaluate")]
     assert "--methods mais,no-memory,mais-zoom,ckpt:runs/release/mais-small-shared-float16.pth,oracle-32," \

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Release the built-in model mais-small-shared (0.2.0: 0.1.0 + the full-resolution head, fine-tuned by
-# scripts/train_builtin_fullres.sh): export the training checkpoint as the bundled int8 weight file (<= 25 MB), then
+# Release the built-in model mais-small-shared (0.3.0: 0.2.0 continued by scripts/train_fullres_pilot.sh and
+# scripts/train_builtin_stage4.sh): export the training checkpoint as the bundled int8 weight file (<= 25 MB), then
 # measure the model card's figures on the exported file itself (not on the training checkpoint), and register it.
 #   bash scripts/release_builtin_model.sh                    # export eval demo register (about 1-2 h on 2 cores)
 #   GROWCUT=1 FEWSHOT=1 BENCH=1 bash scripts/release_builtin_model.sh   # also the slow / optional figures
 #   STEPS="eval" bash scripts/release_builtin_model.sh       # only some of: export eval demo fewshot bench register
 # Give every step of one release the same variables (register reads the files the chosen steps wrote):
-#   CKPT     training checkpoint (runs/mais-small-shared-fr/last.pth); LOG its log.csv (same folder)
-#   VERSION  0.2.0; DTYPE storage of the bundled file, int8 (float16 does not fit the 25 MB limit)
+#   CKPT     training checkpoint (runs/mais-small-shared-s4/model.pth); LOG its log.csv (same folder)
+#   VERSION  0.3.0; DTYPE storage of the bundled file, int8 (float16 does not fit the 25 MB limit)
 #   PRECISION  inference precision of the figures: auto (default) is resolved once here (bfloat16 on a CPU with native
 #            bfloat16) and every command is pinned to what it chose, so the card can say what the figures used
 #   GROWCUT=1  also Slicer's Grow from seeds in the test-split run (over an hour on this CPU); without it the card
@@ -37,9 +37,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-export eval demo fewshot bench register}"
-CKPT="${CKPT:-runs/mais-small-shared-fr/last.pth}"  # scripts/train_builtin_fullres.sh (stage 3)
+CKPT="${CKPT:-runs/mais-small-shared-s4/model.pth}"  # scripts/train_builtin_stage4.sh (stage 4)
 LOG="${LOG:-$(dirname "$CKPT")/log.csv}"
-VERSION="${VERSION:-0.2.0}"
+VERSION="${VERSION:-0.3.0}"
 DTYPE="${DTYPE:-int8}"
 PRECISION="${PRECISION:-auto}"
 MAX_BYTES="${MAX_BYTES:-25000000}"  # issue 12: <= 25 MB

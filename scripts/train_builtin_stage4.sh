@@ -13,7 +13,9 @@
 #   --click-loss-weight 0.2  cross-entropy at the clicked voxels themselves;
 # prompt encoder + decoder 8e-5, memory 8e-5, head 3e-4; AdamW, x0.1 at 64.5% and 90% of the steps; 8 clicks per
 # episode, windows of 4, memory 60; real labels only (no synthetic targets, no CT windows: both cost test Dice in the
-# stage-3 pilots); bf16 autocast on the CPU. Resumable: run it again and it continues from $OUT/last.pth.
+# stage-3 pilots); bf16 autocast on the CPU; ~5 s per step on the 2-core CPU (0.41 episodes/s). Resumable: run it
+# again and it continues from $OUT/last.pth. (As run for 0.3.0: started with 800 steps and resumed at step 125 with
+# 1000; both schedules are at the full rate until step 516, so the run equals an uninterrupted 1000-step one.)
 #   nohup bash scripts/train_builtin_stage4.sh > runs/train4.log 2>&1 &
 # Then: CKPT=runs/mais-small-shared-s4/model.pth BENCH=1 bash scripts/release_builtin_model.sh
 set -euo pipefail
@@ -33,6 +35,6 @@ fi
   --checkpoint "$START" \
   --ce-weight 1 --center-click-prob 0.5 --click-loss-weight 0.2 \
   --lr-prompt-decoder 8e-5 --lr-memory 8e-5 --lr-fullres 3e-4 \
-  --steps "${TRAIN_STEPS:-800}" --batch-size 2 --episode-clicks 8 --tbptt 4 --memory-size 60 \
+  --steps "${TRAIN_STEPS:-1000}" --batch-size 2 --episode-clicks 8 --tbptt 4 --memory-size 60 \
   --loss-size 32 --cpu-bf16 --checkpoint-every 25 --device cpu --seed 4 \
   --model-id mais-small-shared --version 0.3.0 --out "$OUT" "${RESUME[@]}" "$@"
