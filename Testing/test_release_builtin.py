@@ -106,8 +106,8 @@ def release(tmp_path_factory):
         "batch_size": 2, "episode_clicks": 8, "tbptt": 4, "memory_size": 60, "lr_encoder": 8e-5,
         "lr_prompt_decoder": 8e-5, "lr_memory": 8e-5, "fullres": True, "lr_fullres": 3e-4,
         "low_res_loss_weight": 0.5, "weight_decay": 0.1, "milestones": [0.645, 0.9], "crop_size": 128,
-        "loss_size": 32, "cpu_bf16": True, "synthetic_fraction": 0.15, "ct_window_prob": 0.3, "seed": 3, "ce_weight": 1.0,
-        "center_click_prob": 0.5, "click_loss_weight": 0.2,
+        "loss_size": 32, "cpu_bf16": True, "synthetic_fraction": 0.15, "ct_window_prob": 0.3, "seed": 3,
+        "ce_weight": 1.0, "center_click_prob": 0.5, "click_loss_weight": 0.2,
         "extra": {"cases": [c["id"] for c in cases if c["split"] == "train"]},
     }  # fmt: skip
     train = tmp / "last.pth"

@@ -851,9 +851,9 @@ def limitations(
     ]
     if "fullres_head" in counts:
         items.append(
-            f"**The full-resolution head** has {counts['fullres_head']:,} parameters and was trained only in stages "
-            "3 and 4, on top of a frozen encoder trained for 32³ logits; its 128³ image features come from a light two-level "
-            "stem, not from the ViT. It runs in float32 even where the rest runs in bfloat16."
+            f"**The full-resolution head** has {counts['fullres_head']:,} parameters and was trained only in "
+            "stages 3 and 4, on top of a frozen encoder trained for 32³ logits; its 128³ image features come from a "
+            "light two-level stem, not from the ViT. It runs in float32 even where the rest runs in bfloat16."
         )
     if res is not None and "mais-zoom" in res.methods and "mais" in res.methods:
         diffs = {c: res.mean("mais-zoom", c) - res.mean("mais", c) for c in res.clicks}
