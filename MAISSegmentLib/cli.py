@@ -467,22 +467,23 @@ def _add_train(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument(
         "--ce-weight",
         type=float,
-        default=0.0,
+        default=None,
         help="add this weight of binary cross-entropy to the Dice loss (0: Dice alone; Dice gives no gradient to "
-        "confidently wrong voxels)",
+        "confidently wrong voxels; default: the starting checkpoint's recipe, else 0)",
     )
     p.add_argument(
         "--center-click-prob",
         type=float,
-        default=0.0,
+        default=None,
         help="chance that a correction click is the centre of the largest error component (the evaluation robot's "
-        "click) instead of a uniform error voxel, 0-1",
+        "click) instead of a uniform error voxel, 0-1 (default: the starting checkpoint's recipe, else 0)",
     )
     p.add_argument(
         "--click-loss-weight",
         type=float,
-        default=0.0,
-        help="weight of a cross-entropy term at the clicked voxels (a click must hold where it was placed)",
+        default=None,
+        help="weight of a cross-entropy term at the clicked voxels (a click must hold where it was placed; default: "
+        "the starting checkpoint's recipe, else 0)",
     )
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (from scratch: ~100)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")

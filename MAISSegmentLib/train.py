@@ -84,14 +84,16 @@ class TrainConfig:
     ct_window_prob: float = 0.0  # chance that a CT crop is clipped to a random soft-tissue window first
     zoom_prob: float = 0.0  # chance that an episode's crop is at a finer ROI voxel size (ZOOM_TRAIN_SPACINGS: a
     # smaller region of the 1.5 mm case upsampled to the crop), as SessionOptions(zoom=True) shows small objects
-    ce_weight: float = 0.0  # weight of a binary cross-entropy term added to every Dice loss (0: Dice alone, the
-    # paper's). Dice alone gives no gradient to a voxel whose logit has saturated: confidently wrong voxels (an
-    # exclude click inside a +100 logit blob) are never corrected; cross-entropy keeps the logits finite and pulls
-    # hardest on exactly those voxels (SAM-Med3D and nnInteractive train with Dice + cross-entropy)
-    center_click_prob: float = 0.0  # chance that a correction click is the centre of the largest error component
-    # (the evaluation robot's `center` click, clicks.RobotUser) instead of a uniform voxel of the error region
-    click_loss_weight: float = 0.0  # weight of a cross-entropy term at the clicked voxels themselves (every click
-    # so far, its own label): a click must hold where it was placed
+    ce_weight: float | None = None  # weight of a binary cross-entropy term added to every Dice loss (0: Dice
+    # alone, the paper's; None: the starting checkpoint's, else 0, see resolve_loss_options). Dice alone gives no
+    # gradient to a voxel whose logit has saturated: confidently wrong voxels (an exclude click inside a +100 logit
+    # blob) are never corrected; cross-entropy keeps the logits finite and pulls hardest on exactly those voxels
+    # (SAM-Med3D and nnInteractive train with Dice + cross-entropy)
+    center_click_prob: float | None = None  # chance that a correction click is the centre of the largest error
+    # component (the evaluation robot's `center` click, clicks.RobotUser) instead of a uniform voxel of the error
+    # region (None: the starting checkpoint's, else 0)
+    click_loss_weight: float | None = None  # weight of a cross-entropy term at the clicked voxels themselves (every
+    # click so far, its own label): a click must hold where it was placed (None: the starting checkpoint's, else 0)
     checkpoint_every: int = 200  # steps between checkpoints
     seed: int = 0
     model_id: str = "mais-custom"
@@ -104,6 +106,10 @@ class TrainConfig:
         self.milestones = tuple(self.milestones)
         _check_config(self)
 
+
+# TrainConfig fields that default to the starting checkpoint's recipe (resolve_loss_options): a model trained with
+# them is fine-tuned with them (``mais finetune``, Learn from my cases) unless they are given
+LOSS_OPTIONS = ("ce_weight", "center_click_prob", "click_loss_weight")
 
 # TrainConfig integer fields that count something and must be >= 1 (the CLI option names them with dashes)
 _POSITIVE_COUNTS = (
@@ -145,10 +151,14 @@ def _check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} ({_option(name)}) must be a positive learning rate such as 8e-5, got {value!r}")
     for name in ("synthetic_fraction", "ct_window_prob", "zoom_prob", "center_click_prob"):
         value = getattr(cfg, name)
+        if value is None and name in LOSS_OPTIONS:
+            continue
         if not (_positive_number(value) or value == 0) or value > 1:
             raise ConfigError(f"{name} ({_option(name)}) must be a fraction between 0 and 1, got {value!r}")
     for name in ("low_res_loss_weight", "ce_weight", "click_loss_weight"):
         value = getattr(cfg, name)
+        if value is None and name in LOSS_OPTIONS:
+            continue
         if not (_positive_number(value) or value == 0):
             raise ConfigError(f"{name} ({_option(name)}) must be zero or a positive number, got {value!r}")
     if not (_positive_number(cfg.weight_decay) or cfg.weight_decay == 0):
@@ -411,7 +421,7 @@ def _episode(
     window_loss, total = 0.0, 0.0
     n = cfg.episode_clicks
     for t in range(n):
-        point, label = simulate_click(target, pred, gen, cfg.center_click_prob)
+        point, label = simulate_click(target, pred, gen, cfg.center_click_prob or 0.0)
         points.append(point)
         labels.append(float(label))
         with autocast:
@@ -427,18 +437,18 @@ def _episode(
             )
             hi = F.interpolate(out.low_res_logits, size=(size,) * 3, mode="trilinear", align_corners=False)
             if cfg.loss_size == size:
-                loss = segmentation_loss(hi, target, cfg.ce_weight)
+                loss = segmentation_loss(hi, target, cfg.ce_weight or 0.0)
             else:
                 logits = (
                     F.interpolate(out.low_res_logits, size=(cfg.loss_size,) * 3, mode="trilinear", align_corners=False)
                     if cfg.loss_size != out.low_res_logits.shape[-1]
                     else out.low_res_logits
                 )
-                loss = segmentation_loss(logits, soft_target, cfg.ce_weight)
+                loss = segmentation_loss(logits, soft_target, cfg.ce_weight or 0.0)
             if cfg.click_loss_weight:
                 loss = loss + cfg.click_loss_weight * click_loss(out.low_res_logits, points, labels, size)
             if out.full_res_logits is not None:
-                head_loss = segmentation_loss(out.full_res_logits, target, cfg.ce_weight)
+                head_loss = segmentation_loss(out.full_res_logits, target, cfg.ce_weight or 0.0)
                 if cfg.click_loss_weight:
                     head_loss = head_loss + cfg.click_loss_weight * click_loss(
                         out.full_res_logits, points, labels, size
@@ -684,6 +694,7 @@ def train(
         )
     model.train()
     cfg = resolve_lr_memory(cfg, model, resumed=start_ckpt is not None)
+    cfg = resolve_loss_options(cfg, model)
     if cfg.mode == "finetune" and model.has_memory and cfg.use_memory:
         log(f"memory attention {model.load_report.memory_attention}: lr {cfg.lr_memory:g}")
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
@@ -791,6 +802,17 @@ def resolve_lr_memory(cfg: TrainConfig, model: MAISModel, resumed: bool = False)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+def resolve_loss_options(cfg: TrainConfig, model: MAISModel) -> TrainConfig:
+    """``cfg`` with the loss options left ``None`` (:data:`LOSS_OPTIONS`) set to the starting checkpoint's recipe, or
+    0 (Dice alone, uniform error clicks, no click loss) when it records none: a model trained with cross-entropy
+    is fine-tuned with it. Fine-tuning 0.3.0 (trained with it, logits within about +-10) on Dice alone would let its
+    logits saturate again, and a confident mistake under a click would stop being corrected."""
+    report = getattr(model, "load_report", None)
+    recipe = (getattr(report, "provenance", None) or {}).get("recipe", {})
+    changes = {name: float(recipe.get(name) or 0.0) for name in LOSS_OPTIONS if getattr(cfg, name) is None}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def lr_factor(cfg: TrainConfig, step: int) -> float:
     """Learning-rate factor at ``step``: linear warm-up over ``warmup_steps``, then x0.1 at each milestone
     (with ``warmup_steps=0`` exactly the paper's MultiStepLR)."""
@@ -846,6 +868,7 @@ __all__ = [
     "click_loss",
     "crop_sample",
     "dice_loss",
+    "resolve_loss_options",
     "run_episode",
     "segmentation_loss",
     "simulate_click",

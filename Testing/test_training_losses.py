@@ -89,3 +89,22 @@ def test_an_episode_with_all_three_options_trains_the_decoder():
 def test_bad_loss_options_are_refused_by_name(field, value, option):
     with pytest.raises(ConfigError, match=option):
         tiny_config(**{field: value})
+
+
+def test_fine_tuning_keeps_the_loss_options_the_starting_model_was_trained_with(tmp_path):
+    """A model trained with cross-entropy is fine-tuned with it (``mais finetune``, Learn from my cases) unless the
+    options are given; a model without them (SAM-Med3D, older MAISSegment files) gets Dice alone."""
+    from MAISSegmentLib.train import resolve_loss_options, train
+
+    sam = build_model("sam-med3d-tiny")
+    assert {k: getattr(resolve_loss_options(tiny_config(), sam), k) for k in LOSS} == dict.fromkeys(LOSS, 0.0)
+    trained = tiny_config(steps=1, ce_weight=1.0, center_click_prob=0.5, click_loss_weight=0.2)
+    train(trained, sphere_sample, tmp_path / "base", progress=False, log=lambda s: None)
+    base = tmp_path / "base" / "model.pth"
+    tuned = tiny_config(steps=1, preset=None, init_checkpoint=str(base), click_loss_weight=0.0)
+    train(tuned, sphere_sample, tmp_path / "ft", progress=False, log=lambda s: None)
+    recipe = build_model(None, checkpoint=tmp_path / "ft" / "model.pth").load_report.provenance["recipe"]
+    assert (recipe["ce_weight"], recipe["center_click_prob"], recipe["click_loss_weight"]) == (1.0, 0.5, 0.0)
+
+
+LOSS = ("ce_weight", "center_click_prob", "click_loss_weight")
