@@ -14,8 +14,8 @@ ROIs are added per click (each costs an encoder run), so a click answers in boun
 keeps growing with the next clicks. Each ROI has its own click list
 (the user clicks inside it), previous logits and memory bank; its image embedding is computed once and
 cached (a second click in the same ROI never re-runs the encoder). Where ROIs overlap, their logits are
-cross-faded (weights fall linearly over ``blend_margin`` ROI voxels towards each ROI's faces), so
-there is no seam.
+cross-faded (weights fall linearly over ``blend_margin`` ROI voxels towards each ROI's faces, times 1 + the user
+clicks each ROI holds, so a freshly grown ROI does not outvote the one being corrected), so there is no seam.
 
 Undo/redo restore the exact previous labelmap and model state (memory included) from snapshots, and
 ``forget(i)`` removes any earlier click and rebuilds the memory by replaying the remaining clicks.
@@ -863,6 +863,14 @@ class InteractiveSession:
                 box = box.union(st.roi.box_on(self.image, *rng))
         return box
 
+    @staticmethod
+    def _roi_trust(st: _RoiState) -> float:
+        """How much a ROI's logits count where ROIs overlap: 1 + the user's clicks it holds (its automatic seed does
+        not count). A ROI just grown from one seed point must not outvote, in the overlap, the ROI the user has been
+        correcting (measured on the demo liver with 0.3.0: growing from 2 to 4 ROIs at click 8 dropped the recall
+        from 0.58 to 0.43 under a plain cross-fade). The weights still fall to 0 at every face: no seam."""
+        return 1.0 + sum(1 for src in st.sources if src >= 0)
+
     def _compose(self, box: Box) -> None:
         """Recompute the mask inside ``box`` from every ROI covering it (cross-faded logits).
 
@@ -893,7 +901,7 @@ class InteractiveSession:
             for st, sub in covering:
                 values, weights = roi_logits_on_grid(st.logits, st.roi, self.image, sub, self.options.blend_margin)
                 rel = within(sub)
-                v, w = torch.from_numpy(values), torch.from_numpy(weights)
+                v, w = torch.from_numpy(values), torch.from_numpy(weights) * self._roi_trust(st)
                 num[rel] += w * v
                 den[rel] += w
             mask = (den > 0) & (num > 0)
