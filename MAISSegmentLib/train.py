@@ -420,8 +420,9 @@ def _episode(
     prev, pred, prev_full = None, None, None
     window_loss, total = 0.0, 0.0
     n = cfg.episode_clicks
+    ce, centre, click_w = cfg.ce_weight or 0.0, cfg.center_click_prob or 0.0, cfg.click_loss_weight or 0.0  # None: 0
     for t in range(n):
-        point, label = simulate_click(target, pred, gen, cfg.center_click_prob or 0.0)
+        point, label = simulate_click(target, pred, gen, centre)
         points.append(point)
         labels.append(float(label))
         with autocast:
@@ -437,22 +438,20 @@ def _episode(
             )
             hi = F.interpolate(out.low_res_logits, size=(size,) * 3, mode="trilinear", align_corners=False)
             if cfg.loss_size == size:
-                loss = segmentation_loss(hi, target, cfg.ce_weight or 0.0)
+                loss = segmentation_loss(hi, target, ce)
             else:
                 logits = (
                     F.interpolate(out.low_res_logits, size=(cfg.loss_size,) * 3, mode="trilinear", align_corners=False)
                     if cfg.loss_size != out.low_res_logits.shape[-1]
                     else out.low_res_logits
                 )
-                loss = segmentation_loss(logits, soft_target, cfg.ce_weight or 0.0)
-            if cfg.click_loss_weight:
-                loss = loss + cfg.click_loss_weight * click_loss(out.low_res_logits, points, labels, size)
+                loss = segmentation_loss(logits, soft_target, ce)
+            if click_w:
+                loss = loss + click_w * click_loss(out.low_res_logits, points, labels, size)
             if out.full_res_logits is not None:
-                head_loss = segmentation_loss(out.full_res_logits, target, cfg.ce_weight or 0.0)
-                if cfg.click_loss_weight:
-                    head_loss = head_loss + cfg.click_loss_weight * click_loss(
-                        out.full_res_logits, points, labels, size
-                    )
+                head_loss = segmentation_loss(out.full_res_logits, target, ce)
+                if click_w:
+                    head_loss = head_loss + click_w * click_loss(out.full_res_logits, points, labels, size)
                 loss = head_loss + cfg.low_res_loss_weight * loss
                 hi = out.full_res_logits
         window_loss = window_loss + loss
